@@ -1,0 +1,235 @@
+"""Prefill then decode, in three modes: eager, torch.compile, and compile with CUDA graphs.
+
+The decode step (`decode_step`) is the whole hot path: one token for every row, sampled on the device
+(no host synchronisation inside the loop). Timing uses CUDA events on the GPU and a host clock on the CPU
+(where work is synchronous).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lab.errors import LabError
+from lab.model.llama import Transformer
+
+MODES = ("eager", "compile", "compile-cudagraphs")
+EOS_CHECK_EVERY = 8  # one host sync per this many decode steps, only when an EOS id is set
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None) -> Tensor:
+    """Greedy when temperature <= 0; else temperature/top-k sampling via the exponential-race trick
+    (argmax of p/q with q ~ Exp(1)), which needs no host sync unlike torch.multinomial."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        v, _ = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)
+        logits = torch.where(logits < v[..., -1:], torch.full_like(logits, -float("inf")), logits)
+    probs = torch.softmax(logits, dim=-1)
+    q = torch.empty_like(probs).exponential_(1)
+    return (probs / q).argmax(dim=-1)
+
+
+def prefill(
+    model: Transformer,
+    tokens: Tensor,
+    input_pos: Tensor,
+    rows: Tensor | None,
+    temperature: float,
+    top_k: int | None,
+) -> tuple[Tensor, Tensor]:
+    logits = model(tokens, input_pos, rows, last_only=True)[:, -1]
+    return sample(logits, temperature, top_k), logits
+
+
+def decode_step(
+    model: Transformer,
+    tokens: Tensor,
+    input_pos: Tensor,
+    rows: Tensor | None,
+    temperature: float,
+    top_k: int | None,
+) -> tuple[Tensor, Tensor]:
+    """tokens, input_pos: [b, 1]. Returns the next token [b] and its logits [b, vocab]."""
+    logits = model(tokens, input_pos, rows)[:, -1]
+    return sample(logits, temperature, top_k), logits
+
+
+@contextlib.contextmanager
+def no_recompile() -> Iterator[None]:
+    """Inside a timed window a recompile must fail loudly instead of silently timing eager code."""
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("fail_on_recompile"):
+        yield
+
+
+def compile_fn(fn: Callable, mode: str) -> Callable:
+    if mode == "eager":
+        return fn
+    if mode == "compile":
+        return torch.compile(fn)
+    if mode == "compile-cudagraphs":
+        return torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    raise LabError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+
+
+def check_mode(mode: str, device: torch.device) -> None:
+    if mode not in MODES:
+        raise LabError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+    if mode == "compile-cudagraphs" and device.type != "cuda":
+        raise LabError("mode compile-cudagraphs needs a CUDA GPU; use --mode eager or --mode compile on CPU")
+
+
+class _Clock:
+    """CUDA events on the GPU (device work is asynchronous); perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_s(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+@dataclass
+class GenerationResult:
+    tokens: Tensor  # [b, n_new] on the CPU
+    prefill_s: float  # time to first token (prefill + first sample)
+    decode_step_s: list[float] = field(default_factory=list)  # one entry per decode step
+    logits: list[Tensor] = field(default_factory=list)  # per generated token, when asked for
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def decode_s(self) -> float:
+        return sum(self.decode_step_s)
+
+    def to_dict(self) -> dict:
+        n = len(self.decode_step_s)
+        return {
+            "token_ids": self.tokens.tolist() if self.batch_size > 1 else self.tokens[0].tolist(),
+            "batch_size": self.batch_size,
+            "ttft_ms": self.prefill_s * 1e3,
+            "decode_steps": n,
+            "decode_ms_per_token": (self.decode_s / n * 1e3) if n else None,
+            "decode_tokens_per_s_per_user": (n / self.decode_s) if n and self.decode_s > 0 else None,
+            "decode_tokens_per_s_aggregate": (n * self.batch_size / self.decode_s)
+            if n and self.decode_s > 0
+            else None,
+        }
+
+
+class Generator:
+    """A model with its static cache and (optionally compiled) decode step. Reuse one per process:
+    compiled graphs and captured CUDA graphs live as long as it does."""
+
+    def __init__(
+        self, model: Transformer, mode: str = "eager", max_batch_size: int = 1, max_seq_len: int = 256
+    ):
+        self.device = model.output.weight.device
+        check_mode(mode, self.device)
+        self.model, self.mode = model, mode
+        model.setup_caches(max_batch_size, max_seq_len)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.prefill_fn = prefill  # prefill is compute-bound and variable-length: eager cuBLAS serves it
+        self.decode_fn = compile_fn(decode_step, mode)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        eos_id: int | None = None,
+        keep_logits: bool = False,
+    ) -> GenerationResult:
+        """prompt: [b, T] token ids (same length per row). Returns the new tokens and the timings."""
+        if prompt.dim() == 1:
+            prompt = prompt[None]
+        b, t = prompt.shape
+        if b > self.max_batch_size:
+            raise LabError(f"batch {b} exceeds the generator's max batch size {self.max_batch_size}")
+        if t + max_new_tokens > self.max_seq_len:
+            raise LabError(
+                f"prompt {t} + max new tokens {max_new_tokens} exceeds the cache length {self.max_seq_len}"
+            )
+        if max_new_tokens < 1:
+            raise LabError("max new tokens must be at least 1")
+        if seed is not None:
+            torch.manual_seed(seed)
+        prompt = prompt.to(self.device)
+        out = torch.empty(b, max_new_tokens, dtype=torch.long, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        kept: list[Tensor] = []
+        clock = _Clock(self.device)
+
+        clock.mark()
+        pos = torch.arange(t, device=self.device).expand(b, t)
+        tok, logits = self.prefill_fn(self.model, prompt, pos, None, temperature, top_k)
+        out[:, 0] = tok
+        if keep_logits:
+            kept.append(logits.clone())
+        clock.mark()
+        input_pos = torch.full((b, 1), t, dtype=torch.long, device=self.device)
+        cur = tok.view(b, 1).clone()
+        n = 1
+        for i in range(1, max_new_tokens):
+            if eos_id is not None:
+                done |= cur.view(b) == eos_id
+                if i % EOS_CHECK_EVERY == 0 and bool(done.all()):
+                    break
+            tok, logits = self.decode_fn(self.model, cur, input_pos, None, temperature, top_k)
+            # CUDA-graph outputs live in static memory the next replay overwrites: copy them out.
+            out[:, i] = tok
+            if keep_logits:
+                kept.append(logits.clone())
+            cur = tok.view(b, 1).clone()
+            input_pos = input_pos + 1
+            clock.mark()
+            n += 1
+        intervals = clock.intervals_s()
+        tokens = out[:, :n].cpu()
+        if eos_id is not None:  # everything after a row's EOS is padding
+            for r in range(b):
+                hits = (tokens[r] == eos_id).nonzero()
+                if hits.numel():
+                    tokens[r, hits[0, 0] + 1 :] = eos_id
+        return GenerationResult(
+            tokens=tokens,
+            prefill_s=intervals[0],
+            decode_step_s=intervals[1:],
+            logits=[x.float().cpu() for x in kept],
+        )
+
+    def warmup(self, batch_size: int, prompt_len: int, steps: int = 4) -> float:
+        """Compile and capture the shapes used later (3 untimed calls per CUDA-graph shape). Returns seconds."""
+        t0 = time.perf_counter()
+        prompt = torch.zeros(batch_size, prompt_len, dtype=torch.long)
+        self.generate(prompt, max_new_tokens=max(steps, 4))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0

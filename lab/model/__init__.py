@@ -1,0 +1,164 @@
+"""Model construction: presets or checkpoints, on the chosen device and dtype, after the memory plan."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lab.errors import LabError
+from lab.model.llama import ModelArgs, Transformer, init_random_weights
+from lab.model.presets import PRESETS, get_preset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    name = DTYPE_ALIASES.get(name, name)
+    if name == "auto":
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise LabError(f"unknown dtype '{name}'; choose auto, {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU. Asking for CUDA on a machine without it is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LabError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LabError(f"device '{name}' asked for but no CUDA GPU is visible; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LabError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type != "cpu":
+        raise LabError(f"unsupported device '{name}'; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def default_preset(device: torch.device) -> str:
+    """On CPU the embedded default is `tiny`; on a GPU, `llama-8b`."""
+    return "tiny" if device.type == "cpu" else "llama-8b"
+
+
+@dataclass
+class ModelSpec:
+    """What to build: a preset's shape, optionally with weights from a checkpoint."""
+
+    args: ModelArgs
+    preset: str | None
+    model_path: str | None
+
+
+def resolve_spec(preset: str | None, model_path: str | None, device: torch.device) -> ModelSpec:
+    """--model-path (or MODEL_PATH, the playbook's convention) wins over the preset for the weights;
+    the preset (or the checkpoint's config.json) gives the shape."""
+    model_path = model_path or os.environ.get("MODEL_PATH") or None
+    if model_path:
+        p = Path(model_path)
+        if not p.exists():
+            raise LabError(f"checkpoint '{model_path}' not found; check --model-path / MODEL_PATH")
+        from lab.model.checkpoint import read_config
+
+        args = read_config(p, preset)
+        return ModelSpec(args=args, preset=preset, model_path=str(p))
+    name = preset or default_preset(device)
+    return ModelSpec(args=get_preset(name), preset=name, model_path=None)
+
+
+def build_model(
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> Transformer:
+    """Materialise the model on `device` in `dtype`: checkpoint weights if given, else seeded random."""
+    with torch.device("meta"):
+        model = Transformer(spec.args)
+    model = model.to_empty(device=device).to(dtype)
+    if spec.args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    if spec.model_path:
+        from lab.model.checkpoint import load_state_dict
+
+        state = load_state_dict(Path(spec.model_path), spec.args)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
+        missing = [k for k in missing if not (spec.args.tie_embeddings and k == "output.weight")]
+        if missing or unexpected:
+            raise LabError(
+                f"checkpoint {spec.model_path} does not match the model: missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{'...' if len(unexpected) > 5 else ''}"
+            )
+    else:
+        init_random_weights(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class Prepared:
+    model: Transformer
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    plan: object  # lab.model.plan.MemoryPlan
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def prepare(
+    preset: str | None,
+    model_path: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    batch_size: int = 1,
+    max_seq_len: int = 256,
+) -> Prepared:
+    """Resolve, plan (fail before allocating if it cannot fit), then build. The one path every
+    command that needs a model takes."""
+    from lab.model.plan import check_fits, device_memory_gb, plan_memory
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    spec = resolve_spec(preset, model_path, dev)
+    if max_seq_len > spec.args.max_seq_len:
+        raise LabError(
+            f"prompt + new tokens = {max_seq_len} exceeds the model's context of {spec.args.max_seq_len} tokens; "
+            "shorten the prompt or --max-new-tokens"
+        )
+    plan = plan_memory(
+        spec.args, dtype_name(dt), batch_size, max_seq_len, device_memory_gb(dev), str(dev), spec.preset
+    )
+    check_fits(plan)
+    model = build_model(spec, dev, dt, seed)
+    return Prepared(model=model, spec=spec, device=dev, dtype=dt, plan=plan)
+
+
+__all__ = [
+    "Prepared",
+    "prepare",
+    "dtype_name",
+    "DTYPES",
+    "PRESETS",
+    "ModelArgs",
+    "ModelSpec",
+    "Transformer",
+    "build_model",
+    "default_preset",
+    "get_preset",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_spec",
+]
