@@ -25,6 +25,16 @@ SCHEMA_VERSION = 1
 Status = Literal["ok", "failed", "skipped"]
 Scalar = float | int | bool | str | None
 
+# File names inside a drill report (reports/<run-id>/): one artifact per step.
+STEP_FILES = {
+    "health": "health.json",
+    "warmup": "warmup.json",
+    "compare": "compare.json",
+    "loadtest": "load_test.json",
+}
+MANIFEST_FILE = "manifest.json"
+EXPECTATIONS_FILE = "expectations.json"
+
 _REGISTRY: dict[str, type[Artifact]] = {}
 A = TypeVar("A", bound="Artifact")
 
