@@ -223,18 +223,14 @@ class Transformer(nn.Module):
 
 
 @torch.no_grad()
-def init_random_weights(model: Transformer, seed: int) -> None:
-    """Deterministic random weights (drills need no downloaded checkpoint). Generated on the model's
-    device so an 8B model initialises in seconds on a GPU."""
-    device = model.output.weight.device
+def init_random_weights(module: nn.Module, seed: int, n_layers: int) -> None:
+    """Deterministic random weights (drills need no downloaded checkpoint), for a whole model or one
+    block. Generated on the module's device so an 8B model initialises in seconds on a GPU."""
+    device = next(module.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
+    for name, p in module.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
-            std = (
-                0.02 / math.sqrt(2 * model.args.n_layers)
-                if name.endswith(("wo.weight", "w2.weight"))
-                else 0.02
-            )
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
             p.normal_(0.0, std, generator=gen)
