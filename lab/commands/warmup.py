@@ -1,0 +1,102 @@
+"""`lab warmup`: the playbook's warm-up benchmark (step 3) with the same flags as
+`test_gpt_large_optimized.py --iters 3 --warmup 1 --tensor-parallel-gpus 1 --output-json FILE`."""
+
+from __future__ import annotations
+
+from lab.commands._common import add_model_args, add_output_json, nonneg_int, positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "warmup",
+        help="warm the model: prime compiled graphs, record the latency envelope, memory, energy, MBU",
+        description="Prime the compiled decode step (persisting the compile cache for the next process), "
+        "then time --iters iterations of prefill + decode and write the warm-up artifact.",
+    )
+    add_model_args(p)
+    p.add_argument("--iters", type=positive_int, default=3, help="timed iterations (default 3)")
+    p.add_argument(
+        "--warmup", type=nonneg_int, default=1, help="untimed iterations after compiling (default 1)"
+    )
+    p.add_argument(
+        "--tensor-parallel-gpus",
+        type=positive_int,
+        default=1,
+        help="1 = the single-GPU fallback; N > 1 runs under torchrun --nproc_per_node=N",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=1, help="rows decoded together (default 1)")
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens per row (default 128)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=128,
+        help="tokens generated per row, >= 2 (default 128; the playbook caps serving at 128-256)",
+    )
+    p.add_argument(
+        "--mode",
+        default="auto",
+        help="auto (compile-cudagraphs on a GPU, eager on CPU), eager, compile, compile-cudagraphs",
+    )
+    p.add_argument(
+        "--compile-cache-dir",
+        default=".compile-cache",
+        help="where Inductor's compile cache is persisted and reloaded by the next run (default .compile-cache)",
+    )
+    p.add_argument(
+        "--no-roofline",
+        dest="measure_roofline",
+        action="store_false",
+        help="skip the copy-bandwidth and matmul probes (no MBU/MFU)",
+    )
+    add_output_json(p, "warmup.json")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+
+    from lab.bench.warmup import (
+        WarmupArtifact,
+        WarmupConfig,
+        describe,
+        is_rank_zero,
+        prepare_warmup,
+        run_warmup,
+    )
+    from lab.results import finish, new_artifact, write_artifact
+
+    cfg = WarmupConfig(
+        preset=args.preset,
+        model_path=args.model_path,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        prompt_len=args.prompt_len,
+        max_new_tokens=args.max_new_tokens,
+        iters=args.iters,
+        warmup=args.warmup,
+        mode=args.mode,
+        compile_cache_dir=args.compile_cache_dir or None,
+        tensor_parallel_gpus=args.tensor_parallel_gpus,
+        measure_roofline=args.measure_roofline,
+    )
+    prepared, cache_dir = prepare_warmup(cfg)  # LabError here: exit 2, nothing written
+    try:
+        art = run_warmup(cfg, prepared, cache_dir)
+    except Exception as e:  # a run that broke (OOM, recompile in the timed window): record it, exit 1
+        from lab.errors import LabError
+
+        if isinstance(e, LabError):
+            raise
+        art = finish(new_artifact(WarmupArtifact, cfg.to_params()), "failed", f"{type(e).__name__}: {e}")
+        if is_rank_zero():
+            write_artifact(args.output_json, art)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"lab warmup: failed: {type(e).__name__}: {first}; wrote {args.output_json}", file=sys.stderr)
+        return 1
+    if is_rank_zero():
+        write_artifact(args.output_json, art)
+        print(describe(art))
+        print(f"wrote {args.output_json}")
+    return 0
