@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def build_model(
     dtype: torch.dtype,
     seed: int = 0,
     quant: str | None = None,
+    shard: Callable[[torch.nn.Module], None] | None = None,
 ) -> Transformer:
     """Materialise the model on `device` in `dtype`: checkpoint weights if given, else seeded random.
 
@@ -101,10 +103,16 @@ def build_model(
     heads = [model.tok_embeddings, model.norm] + ([] if spec.args.tie_embeddings else [model.output])
     for k, module in enumerate(heads):
         _materialise(module, device, state, _prefix(model, module), seed * 1_000_003 + n + 1 + k, n)
+        if shard is not None:
+            shard(module)
     if spec.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+        if shard is not None:
+            shard(model.output)
     for i, block in enumerate(model.layers):
         _materialise(block, device, state, f"layers.{i}.", seed * 1_000_003 + i, n)
+        if shard is not None:  # tensor parallel (lab.model.tp): keep this rank's slice, before quantising
+            shard(block)
         if quant:
             from lab.model.quant import quantize_block
 

@@ -196,8 +196,9 @@ class Transformer(nn.Module):
         dtype, device = self.output.weight.dtype, self.output.weight.device
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
+            # The module's own KV-head count: tensor parallel (lab.model.tp) keeps n_kv_heads / N per rank.
             layer.attention.kv_cache = KVCache(
-                max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim, dtype
+                max_batch_size, max_seq_len, layer.attention.n_kv_heads, a.head_dim, dtype
             ).to(device)
         freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_inv_freq(a))
         emb = torch.cat((freqs, freqs), dim=-1).to(device)
