@@ -540,3 +540,78 @@ def compare_inference_methods(
         "max_seq_len": max_seq,
     }
     return CompareResult(results, workload, str(dev), dtype_name(dt), preset, plan)
+
+
+def compare_figures(art: CompareArtifact) -> dict[str, Any]:
+    """Plotly figures for a compare artifact: decode latency per iteration and its distribution per
+    method, speedup normalised to eager = 1x, memory per method (GPU), TTFT vs decode per method."""
+    import plotly.graph_objects as go
+
+    ok = [m for m in art.methods if m["status"] == "ok"]
+    figs: dict[str, Any] = {}
+    fig = go.Figure()
+    for m in ok:
+        its = m["iterations"]
+        fig.add_scatter(
+            x=[it["iteration"] for it in its],
+            y=[it["decode_ms_per_token"] for it in its],
+            name=m["name"],
+            mode="lines+markers",
+        )
+    fig.update_layout(
+        title="Decode ms/token per timed iteration", xaxis_title="iteration", yaxis_title="ms per token"
+    )
+    figs["latency_per_iteration"] = fig
+
+    fig = go.Figure()
+    for m in ok:
+        fig.add_box(
+            name=m["name"],
+            y=[s for it in m["iterations"] for s in it["decode_step_ms"]],
+            boxpoints="outliers",
+        )
+    fig.update_layout(title="Decode step latency distribution (every step)", yaxis_title="ms per token")
+    figs["decode_distribution"] = fig
+
+    fig = go.Figure()
+    fig.add_bar(
+        x=[m["name"] for m in ok],
+        y=[m["speedup_vs_eager"] for m in ok],
+        text=[f"{m['speedup_vs_eager']:.2f}x" if m["speedup_vs_eager"] else "" for m in ok],
+        marker_color=["#888" if m["name"] == "eager" else ("#2a7" if m["correct"] else "#c33") for m in ok],
+    )
+    fig.add_hline(y=1.0, line_dash="dash", annotation_text="eager = 1x")
+    failed = [m["name"] for m in art.methods if m["status"] != "ok"]
+    title = "Decode speedup vs eager (p50 ms/token; red = not correct vs eager)"
+    fig.update_layout(title=title + (f"<br><sub>failed: {', '.join(failed)}</sub>" if failed else ""))
+    figs["speedup"] = fig
+
+    fig = go.Figure()
+    if any(m.get("peak_memory_gb") is not None for m in ok):
+        fig.add_bar(name="peak allocated", x=[m["name"] for m in ok], y=[m.get("peak_memory_gb") for m in ok])
+        fig.add_bar(
+            name="extra over the model", x=[m["name"] for m in ok], y=[m.get("extra_memory_gb") for m in ok]
+        )
+        fig.update_layout(title="GPU memory per method", barmode="group", yaxis_title="GB")
+    else:
+        fig.update_layout(
+            title=f"GPU memory per method: {art.unavailable.get('peak_memory_gb', 'not measured')}"
+        )
+    figs["memory"] = fig
+
+    fig = go.Figure()
+    names = [m["name"] for m in ok]
+    fig.add_bar(name="TTFT p50 (prefill)", x=names, y=[m["ttft_ms"].get("p50") for m in ok])
+    fig.add_bar(
+        name="decode (p50 x decode steps)",
+        x=names,
+        y=[
+            (m["decode_ms_per_token"].get("p50") or 0) * (art.workload.get("max_new_tokens", 1) - 1)
+            for m in ok
+        ],
+    )
+    fig.update_layout(
+        title="Time to first token vs decode time, per method", barmode="group", yaxis_title="ms"
+    )
+    figs["ttft_vs_decode"] = fig
+    return figs

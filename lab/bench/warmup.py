@@ -458,3 +458,84 @@ def describe(art: WarmupArtifact) -> str:
             f"{f('tokens_per_joule')} tokens/J | MBU {f('mbu', '{:.1%}')}",
         ]
     )
+
+
+def run_and_write(cfg: WarmupConfig, path: str | os.PathLike[str]) -> WarmupArtifact:
+    """Prepare, run and write the artifact to `path` (rank 0 only). Bad input raises LabError before
+    anything is written; a run that breaks (OOM, a recompile in the timed window) is written as a failed
+    artifact with the reason and returned, so callers check `.status`."""
+    from lab.results import finish, new_artifact, write_artifact
+
+    prepared, cache_dir = prepare_warmup(cfg)
+    try:
+        art = run_warmup(cfg, prepared, cache_dir)
+    except LabError:
+        raise
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        art = finish(
+            new_artifact(WarmupArtifact, cfg.to_params()),
+            "failed",
+            f"{type(e).__name__}: {lines[0] if lines else ''}",
+        )
+    if is_rank_zero():
+        write_artifact(path, art)
+    return art
+
+
+def warmup_figures(art: WarmupArtifact) -> dict[str, Any]:
+    """Plotly figures for a warm-up artifact: per-iteration latency, decode-step distribution, TTFT vs
+    decode, memory against the plan, and power over the timed window when it was sampled."""
+    import plotly.graph_objects as go
+
+    its = art.iterations
+    names = [f"iter {it['iteration']}" for it in its]
+    figs: dict[str, Any] = {}
+    fig = go.Figure()
+    fig.add_bar(name="TTFT (ms)", x=names, y=[it["ttft_ms"] for it in its])
+    fig.add_bar(name="decode ms/token x 10", x=names, y=[it["decode_ms_per_token"] * 10 for it in its])
+    fig.update_layout(title="Latency per timed iteration", barmode="group", yaxis_title="ms")
+    figs["latency_per_iteration"] = fig
+
+    fig = go.Figure()
+    for name, it in zip(names, its):
+        fig.add_box(name=name, y=it["decode_step_ms"], boxpoints="outliers")
+    s = art.summary
+    for q, dash in (("p50", "solid"), ("p99", "dash")):
+        v = s.get(f"decode_ms_per_token_{q}")
+        if v is not None:
+            fig.add_hline(y=v, line_dash=dash, annotation_text=f"{q} {v:.3f} ms")
+    fig.update_layout(title="Decode step latency (every step, per iteration)", yaxis_title="ms per token")
+    figs["decode_distribution"] = fig
+
+    fig = go.Figure()
+    fig.add_bar(name="prefill (TTFT)", x=names, y=[it["ttft_ms"] for it in its])
+    fig.add_bar(name="decode", x=names, y=[sum(it["decode_step_ms"]) for it in its])
+    fig.update_layout(title="Time to first token vs decode, per iteration", barmode="stack", yaxis_title="ms")
+    figs["ttft_vs_decode"] = fig
+
+    plan = art.memory_plan
+    parts = ["weights_gb", "kv_cache_gb", "activations_gb", "reserve_gb"]
+    fig = go.Figure()
+    for part in parts:
+        fig.add_bar(name=f"plan: {part.removesuffix('_gb')}", x=["memory plan"], y=[plan.get(part, 0)])
+    kind = s.get("peak_memory_kind") or "peak"
+    fig.add_bar(name=f"measured: {kind}", x=["measured"], y=[s.get("peak_memory_gb") or 0])
+    if s.get("peak_memory_reserved_gb") is not None:
+        fig.add_bar(name="measured: reserved", x=["reserved"], y=[s["peak_memory_reserved_gb"]])
+    if s.get("device_memory_gb"):
+        fig.add_hline(
+            y=s["device_memory_gb"] * MEMORY_ALERT_FRACTION,
+            line_dash="dash",
+            annotation_text="80 % of the GPU",
+        )
+    fig.update_layout(title="Memory: plan vs measured peak", barmode="stack", yaxis_title="GB")
+    figs["memory"] = fig
+
+    samples = [x for x in art.telemetry.get("samples", []) if x.get("power_w") is not None]
+    if samples:
+        fig = go.Figure()
+        fig.add_scatter(x=[x["t_s"] for x in samples], y=[x["power_w"] for x in samples], name="power (W)")
+        fig.update_layout(title="Power over the timed window", xaxis_title="s", yaxis_title="W")
+        figs["power"] = fig
+    return figs

@@ -55,15 +55,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import sys
 
-    from lab.bench.warmup import (
-        WarmupArtifact,
-        WarmupConfig,
-        describe,
-        is_rank_zero,
-        prepare_warmup,
-        run_warmup,
-    )
-    from lab.results import finish, new_artifact, write_artifact
+    from lab.bench.warmup import WarmupConfig, describe, is_rank_zero, run_and_write
 
     cfg = WarmupConfig(
         preset=args.preset,
@@ -81,22 +73,12 @@ def run(args) -> int:
         tensor_parallel_gpus=args.tensor_parallel_gpus,
         measure_roofline=args.measure_roofline,
     )
-    prepared, cache_dir = prepare_warmup(cfg)  # LabError here: exit 2, nothing written
-    try:
-        art = run_warmup(cfg, prepared, cache_dir)
-    except Exception as e:  # a run that broke (OOM, recompile in the timed window): record it, exit 1
-        from lab.errors import LabError
-
-        if isinstance(e, LabError):
-            raise
-        art = finish(new_artifact(WarmupArtifact, cfg.to_params()), "failed", f"{type(e).__name__}: {e}")
-        if is_rank_zero():
-            write_artifact(args.output_json, art)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"lab warmup: failed: {type(e).__name__}: {first}; wrote {args.output_json}", file=sys.stderr)
+    art = run_and_write(cfg, args.output_json)
+    if not is_rank_zero():
+        return 0 if art.status == "ok" else 1
+    if art.status != "ok":
+        print(f"lab warmup: failed: {art.reason}; wrote {args.output_json}", file=sys.stderr)
         return 1
-    if is_rank_zero():
-        write_artifact(args.output_json, art)
-        print(describe(art))
-        print(f"wrote {args.output_json}")
+    print(describe(art))
+    print(f"wrote {args.output_json}")
     return 0
