@@ -1,0 +1,289 @@
+"""`lab loadtest`: the playbook's optional fallback load test, open loop (MEASUREMENT.md).
+
+Works as `torchrun --nproc_per_node=1 -m lab loadtest ... --allow-smaller-world` and without torchrun.
+Under torchrun only rank 0 generates load and records.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lab.commands._common import (
+    add_model_args,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
+from lab.commands.serve import add_engine_args
+from lab.results import STEP_FILES
+
+
+def _ms_or_off(text: str) -> float | None:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of milliseconds (0 = no SLO)") from None
+    if v < 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}' must be >= 0 milliseconds (0 = no SLO)")
+    return v or None
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "loadtest",
+        help="open-loop load test (seeded schedule, latency from the scheduled time, VALID/INVALID verdict)",
+        description="Open-loop load test against the in-process engine (default) or --endpoint URL. Writes the "
+        "artifact (--output-json) and a per-request JSONL beside it. Exit 1 when the run is INVALID.",
+    )
+    g = p.add_argument_group("load (the playbook's flags)")
+    g.add_argument(
+        "--duration",
+        type=positive_float,
+        default=20.0,
+        help="seconds of arrivals, warm-up and cool-down included (default 20)",
+    )
+    g.add_argument("--target-qps", type=positive_float, default=3.0, help="mean arrival rate (default 3)")
+    g.add_argument(
+        "--max-new-tokens", type=positive_int, default=4, help="tokens generated per request (default 4)"
+    )
+    g.add_argument(
+        "--prompt-len-min", type=positive_int, default=32, help="shortest prompt in tokens (default 32)"
+    )
+    g.add_argument(
+        "--prompt-len-max", type=positive_int, default=64, help="longest prompt in tokens (default 64)"
+    )
+    g.add_argument(
+        "--allow-smaller-world",
+        action="store_true",
+        help="accept a world smaller than --expected-world-size (the single-GPU fallback)",
+    )
+    g.add_argument(
+        "--expected-world-size",
+        type=positive_int,
+        default=8,
+        help="tensor-parallel world of the multi-GPU tier this test was written for (default 8)",
+    )
+    add_output = STEP_FILES["loadtest"]
+    g.add_argument(
+        "--output-json",
+        default=add_output,
+        help=f"artifact path (default {add_output}); requests JSONL beside it",
+    )
+    a = p.add_argument_group("arrivals")
+    a.add_argument(
+        "--pattern", default="poisson", choices=("poisson", "constant", "bursty"), help="arrival process"
+    )
+    a.add_argument(
+        "--burst-cv",
+        type=positive_float,
+        default=2.0,
+        help="coefficient of variation of gaps for bursty (> 1)",
+    )
+    a.add_argument(
+        "--warmup-s",
+        type=nonneg_float,
+        default=2.0,
+        help="first seconds excluded from the metrics (default 2)",
+    )
+    a.add_argument(
+        "--cooldown-s",
+        type=nonneg_float,
+        default=2.0,
+        help="last seconds excluded from the metrics (default 2)",
+    )
+    a.add_argument(
+        "--drain-timeout-s",
+        type=positive_float,
+        default=60.0,
+        help="after the last arrival, wait this long for answers",
+    )
+    a.add_argument(
+        "--max-dispatch-lag-ms",
+        type=positive_float,
+        default=5.0,
+        help="INVALID when the generator's dispatch lag p99 exceeds this (default 5)",
+    )
+    a.add_argument(
+        "--min-requests",
+        type=nonneg_int,
+        default=10,
+        help="INVALID with fewer measured requests (default 10)",
+    )
+    s = p.add_argument_group("SLOs (failed requests count as violations; 0 = none)")
+    s.add_argument(
+        "--slo-ttft-ms", type=_ms_or_off, default=None, help="time to first token, from the scheduled time"
+    )
+    s.add_argument(
+        "--slo-tpot-ms", type=_ms_or_off, default=None, help="time per output token after the first"
+    )
+    s.add_argument(
+        "--slo-e2e-ms",
+        type=_ms_or_off,
+        default=2500.0,
+        help="end to end (default 2500: the playbook's P99 of about 2.5 s)",
+    )
+    s.add_argument(
+        "--slo-attainment",
+        type=fraction,
+        default=0.99,
+        help="fraction of requests that must meet the SLOs (default 0.99)",
+    )
+    s.add_argument(
+        "--sweep",
+        default=None,
+        help="'search' (highest QPS meeting the SLOs, starting at --target-qps) or a QPS list like 1,2,4,8",
+    )
+    s.add_argument(
+        "--sweep-max-runs", type=positive_int, default=8, help="runs a search may take (default 8)"
+    )
+    t = p.add_argument_group("target")
+    t.add_argument(
+        "--endpoint", default=None, help="an OpenAI-compatible server URL (default: the in-process engine)"
+    )
+    t.add_argument("--model-name", default="lab", help="`model` sent to --endpoint (default lab)")
+    t.add_argument(
+        "--prompt-format", default="ids", choices=("ids", "text"), help="prompts as token ids or text"
+    )
+    t.add_argument("--request-timeout-s", type=positive_float, default=600.0, help="HTTP timeout per request")
+    t.add_argument(
+        "--telemetry-device", default=None, help="GPU to read NVML from with --endpoint, e.g. cuda:0"
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_model_args(p)
+    add_engine_args(p, max_seq_len_default=None)
+    p.set_defaults(func=run)
+
+
+def check_world(args) -> tuple[int, int]:
+    """The test expects the multi-GPU tier's world; a smaller one is refused unless allowed."""
+    from lab.errors import LabError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world < args.expected_world_size and not args.allow_smaller_world:
+        raise LabError(
+            f"world size {world} is smaller than the expected tensor-parallel world {args.expected_world_size} "
+            "(--expected-world-size); add --allow-smaller-world to run the single-GPU fallback load test"
+        )
+    return world, rank
+
+
+def run(args) -> int:
+    from lab.errors import LabError
+    from lab.loadtest.runner import LoadTestConfig
+    from lab.loadtest.session import build_engine, engine_info, run_loadtest
+    from lab.loadtest.sweep import parse_sweep
+
+    world, rank = check_world(args)
+    if args.prompt_len_min > args.prompt_len_max:
+        raise LabError("--prompt-len-min must be <= --prompt-len-max")
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    cfg = LoadTestConfig(
+        duration_s=args.duration,
+        target_qps=args.target_qps,
+        pattern=args.pattern,
+        burst_cv=args.burst_cv,
+        seed=args.seed,
+        prompt_len_min=args.prompt_len_min,
+        prompt_len_max=args.prompt_len_max,
+        max_new_tokens=args.max_new_tokens,
+        warmup_s=args.warmup_s,
+        cooldown_s=args.cooldown_s,
+        drain_timeout_s=args.drain_timeout_s,
+        max_dispatch_lag_ms=args.max_dispatch_lag_ms,
+        min_requests=args.min_requests,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+        slo_e2e_ms=args.slo_e2e_ms,
+        slo_attainment_target=args.slo_attainment,
+        endpoint=args.endpoint,
+        model_name=args.model_name,
+        prompt_format=args.prompt_format,
+        request_timeout_s=args.request_timeout_s,
+        progress=not args.no_progress and rank == 0,
+    )
+    # Validate the schedule parameters before building a model.
+    from lab.loadtest.schedule import make_schedule
+
+    make_schedule(
+        cfg.target_qps,
+        cfg.duration_s,
+        0,
+        cfg.pattern,
+        cfg.prompt_len_min,
+        cfg.prompt_len_max,
+        cfg.max_new_tokens,
+        cfg.warmup_s,
+        cfg.cooldown_s,
+        cfg.burst_cv,
+    )
+    params = {k: v for k, v in vars(args).items() if k != "func"}
+    params["world_size"], params["rank"] = world, rank
+    engine = info = None
+    if args.endpoint:
+        if rank != 0:
+            return 0  # only rank 0 generates load; the endpoint serves every rank's model
+        art = run_loadtest(
+            cfg,
+            None,
+            sweep,
+            args.sweep_max_runs,
+            args.output_json,
+            params,
+            telemetry_device=args.telemetry_device,
+        )
+    else:
+        if world > 1:
+            # Hook for tensor parallel (lab.distributed): the in-process engine would need every rank to
+            # follow rank 0's schedule tick by tick. Until that exists, serve TP behind an endpoint.
+            raise LabError(
+                f"the in-process engine serves one GPU; with world size {world} point --endpoint at the "
+                "tensor-parallel server, or run with --nproc_per_node=1"
+            )
+        max_seq = args.max_seq_len or (args.prompt_len_max + args.max_new_tokens)
+        from lab.commands.serve import engine_config_from_args
+
+        ecfg = engine_config_from_args(args, args.max_new_tokens, max_seq)
+        engine, prepared = build_engine(
+            args.preset, args.model_path, args.device, args.dtype, args.seed, ecfg
+        )
+        engine.start(warmup=True)
+        try:
+            if not engine.ready.wait(timeout=3600) or engine.crashed:
+                raise LabError(f"the engine failed to warm up: {engine.crashed}")
+            info = engine_info(engine, prepared)
+            art = run_loadtest(cfg, engine, sweep, args.sweep_max_runs, args.output_json, params, info)
+        finally:
+            engine.stop()
+    _print(art, args.output_json)
+    return 0 if art.verdict.get("valid") else 1
+
+
+def _print(art, path: str) -> None:
+    import sys
+
+    s = art.summary
+
+    def f(key: str, unit: str = "", nd: int = 1) -> str:
+        v = s.get(key)
+        return "n/a" if v is None else (f"{v:.{nd}f}{unit}" if isinstance(v, float) else f"{v}{unit}")
+
+    lines = [
+        f"load test: {'VALID' if art.verdict.get('valid') else 'INVALID'} -> {path}",
+        f"  requests: sent {f('requests_sent')} ok {f('requests_ok')} rejected {f('requests_rejected')} "
+        f"timed out {f('requests_timed_out')} errored {f('requests_errored')} cancelled {f('requests_cancelled')}",
+        f"  qps: target {f('target_qps', '', 2)} achieved {f('achieved_qps', '', 2)}; output {f('output_tokens_per_s', ' tok/s')}",
+        f"  ttft p50/p99 {f('ttft_ms_p50', ' ms')} / {f('ttft_ms_p99', ' ms')}; tpot p50/p99 {f('tpot_ms_p50', ' ms', 2)} / "
+        f"{f('tpot_ms_p99', ' ms', 2)}; e2e p50/p99 {f('e2e_ms_p50', ' ms')} / {f('e2e_ms_p99', ' ms')}",
+        f"  goodput {f('goodput_rps', ' req/s', 2)}, SLO attainment {f('slo_attainment', '', 3)}; dispatch lag p99 "
+        f"{f('dispatch_lag_ms_p99', ' ms', 3)}; tokens/J {f('tokens_per_joule', '', 2)}",
+    ]
+    if "max_qps_meeting_slo" in s:
+        lines.append(f"  sweep: max QPS meeting the SLOs = {f('max_qps_meeting_slo', '', 2)}")
+    for r in art.verdict.get("reasons", []):
+        lines.append(f"  INVALID: {r}")
+    print("\n".join(lines), file=sys.stdout, flush=True)

@@ -1,0 +1,190 @@
+"""`lab serve`: the OpenAI-compatible server over the continuous-batching engine (playbook steps 4-5)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lab.commands._common import (
+    add_model_args,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
+
+
+def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None) -> None:
+    """Back-pressure flags with the playbook's defaults (step 5); shared by serve and loadtest."""
+    g = p.add_argument_group("engine and back-pressure (playbook step 5)")
+    g.add_argument(
+        "--max-batch-size", type=positive_int, default=16, help="requests decoded together (playbook: 8-16)"
+    )
+    g.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        default=max_seq_len_default,
+        help="prompt + generated tokens per request, the KV-cache length of each slot"
+        + (
+            f" (default {max_seq_len_default})"
+            if max_seq_len_default
+            else " (default: longest prompt + max new tokens)"
+        ),
+    )
+    g.add_argument(
+        "--max-queue", type=nonneg_int, default=64, help="waiting requests; one more gets 429 (default 64)"
+    )
+    g.add_argument(
+        "--queue-timeout-s",
+        type=positive_float,
+        default=5.0,
+        help="reject requests still waiting after this (playbook: 5)",
+    )
+    g.add_argument(
+        "--long-context-tokens",
+        type=positive_int,
+        default=2048,
+        help="prompts longer than this use the long-context lane (default 2048)",
+    )
+    g.add_argument(
+        "--long-context-window-s",
+        type=nonneg_float,
+        default=4.0,
+        help="long-context requests are admitted together, windows at least this far apart (playbook: >= 4)",
+    )
+    g.add_argument(
+        "--max-gpu-memory-fraction",
+        type=fraction,
+        default=0.8,
+        help="no admission that would take the GPU above this fraction (playbook: 80%%; not applicable on CPU)",
+    )
+    g.add_argument(
+        "--prefill-chunk-tokens",
+        type=positive_int,
+        default=512,
+        help="prompt tokens prefilled per engine tick; bounds the decode stall of running requests (default 512)",
+    )
+    g.add_argument(
+        "--mode",
+        default="auto",
+        help="decode step: auto (compile-cudagraphs on a GPU, eager on CPU), eager, compile, compile-cudagraphs",
+    )
+    g.add_argument(
+        "--simulate-step-delay-ms",
+        type=nonneg_float,
+        default=0.0,
+        help="drills/tests: sleep this long every engine tick to simulate a slower GPU (default 0)",
+    )
+
+
+def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
+    import torch
+
+    from lab.engine.batching import EngineConfig
+    from lab.model import resolve_device
+
+    mode = args.mode
+    if mode == "auto":
+        mode = (
+            "compile-cudagraphs"
+            if resolve_device(args.device).type == "cuda" and torch.cuda.is_available()
+            else "eager"
+        )
+    return EngineConfig(
+        max_batch_size=args.max_batch_size,
+        max_seq_len=max_seq_len,
+        max_new_tokens=max_new_tokens_cap,
+        max_queue=args.max_queue,
+        queue_timeout_s=args.queue_timeout_s,
+        long_context_tokens=args.long_context_tokens,
+        long_context_window_s=args.long_context_window_s,
+        max_gpu_memory_fraction=args.max_gpu_memory_fraction,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
+        mode=mode,
+        step_delay_s=args.simulate_step_delay_ms / 1e3,
+    )
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server (POST /v1/completions, GET /health, GET /metrics) with back-pressure",
+        description="Continuous-batching server. /health is 503 until warm-up has compiled and captured the "
+        "decode step, so a load balancer sends traffic only after warm-up. SIGTERM drains: stop admitting, "
+        "finish in-flight requests, print the drain report, exit.",
+    )
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=nonneg_int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=256,
+        help="cap on max_tokens per request (playbook: 128-256)",
+    )
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="the model id clients send and /v1/models lists (default: the preset)",
+    )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=positive_float,
+        default=30.0,
+        help="on SIGTERM, wait this long for in-flight requests",
+    )
+    add_engine_args(p, max_seq_len_default=4096)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from lab.engine.server import create_app
+    from lab.engine.tokenizer import load_tokenizer
+    from lab.errors import LabError
+    from lab.loadtest.session import build_engine
+
+    if args.port > 65535:
+        raise LabError(f"--port {args.port} is not a TCP port (0-65535)")
+    _check_bindable(args.host, args.port)
+    cfg = engine_config_from_args(args, args.max_new_tokens, args.max_seq_len)
+    engine, prepared = build_engine(args.preset, args.model_path, args.device, args.dtype, args.seed, cfg)
+    tokenizer = load_tokenizer(prepared.spec.model_path, prepared.spec.args.vocab_size)
+    name = args.model_name or prepared.spec.preset or "lab"
+    app = create_app(engine, tokenizer, name, args.drain_timeout_s)
+    import sys
+
+    print(
+        f"lab serve: {name} on {prepared.device} ({cfg.mode}), http://{args.host}:{args.port} "
+        f"- /health turns 200 after warm-up; tokenizer: {tokenizer.name}",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(args.drain_timeout_s),
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if engine.crashed is None else 1
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Fail with one line before loading the model if the address is taken or invalid."""
+    import socket
+
+    from lab.errors import LabError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise LabError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --host/--port"
+        ) from None

@@ -1,0 +1,595 @@
+"""The continuous-batching engine with the playbook's back-pressure (step 5), used in-process by the
+server and by the load test.
+
+One thread owns the model. The KV cache has `max_batch_size` slots; every tick it
+  1. expires waiting requests older than the queue timeout (`timed_out_in_queue`),
+  2. admits waiting requests into free slots (FIFO; long prompts only in batch windows at least
+     `long_context_window_s` apart; never above the GPU-memory guard),
+  3. prefills at most `prefill_chunk_tokens` prompt tokens (chunked, into the request's slot), which
+     bounds how long running requests wait for their next token,
+  4. runs ONE fixed-shape decode step over all slots (idle slots compute a throwaway token), the shape
+     torch.compile / CUDA graphs capture once, and
+  5. hands every new token to its request's callback (one host sync per tick).
+
+A bounded waiting queue rejects at once when full (`rejected_queue_full`); a drain stops admitting new
+requests and finishes the accepted ones. Every request ends in exactly one outcome.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from lab.engine.generate import check_mode, compile_fn, decode_step, no_recompile, sample
+from lab.errors import LabError
+from lab.model.llama import Transformer
+
+GB = 1e9
+OUTCOMES = (
+    "ok",
+    "rejected_queue_full",
+    "rejected_draining",
+    "timed_out_in_queue",
+    "error",
+    "cancelled",
+)
+
+
+@dataclass
+class EngineConfig:
+    """Back-pressure and shape settings. Defaults are the playbook's (step 5)."""
+
+    max_batch_size: int = 16  # playbook: 8-16 requests
+    max_seq_len: int = 4096  # prompt + generated tokens per slot (the static KV cache length)
+    max_new_tokens: int = 256  # cap per request; playbook: 128-256
+    max_queue: int = 64  # waiting requests beyond the running batch; one more is rejected at once
+    queue_timeout_s: float = 5.0  # playbook: a request still waiting after this is rejected
+    long_context_tokens: int = 2048  # prompts longer than this go to the long-context lane
+    long_context_window_s: float = 4.0  # playbook: long-context batch windows >= 4 s apart
+    max_gpu_memory_fraction: float = 0.8  # playbook: keep GPU memory below 80 %
+    prefill_chunk_tokens: int = 512  # prompt tokens prefilled per tick (bounds decode stalls)
+    mode: str = "eager"  # eager, compile, compile-cudagraphs (the decode step)
+    step_delay_s: float = 0.0  # drills/tests only: sleep per tick to simulate a slower GPU
+
+    def validate(self, model_context: int) -> None:
+        checks = [
+            (self.max_batch_size >= 1, "--max-batch-size must be >= 1"),
+            (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+            (self.max_queue >= 0, "--max-queue must be >= 0"),
+            (self.queue_timeout_s > 0, "--queue-timeout-s must be > 0"),
+            (self.long_context_window_s >= 0, "--long-context-window-s must be >= 0"),
+            (0 < self.max_gpu_memory_fraction <= 1, "--max-gpu-memory-fraction must be in (0, 1]"),
+            (self.prefill_chunk_tokens >= 1, "--prefill-chunk-tokens must be >= 1"),
+            (self.max_seq_len >= 2, "--max-seq-len must be >= 2"),
+            (
+                self.max_seq_len <= model_context,
+                f"--max-seq-len {self.max_seq_len} exceeds the model's context of {model_context} tokens",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise LabError(msg)
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion request and everything that happened to it (times on time.monotonic())."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    ignore_eos: bool = False
+    id: str = ""
+    # Called from the engine thread: (request, event) with event in admitted / token / done.
+    callback: Callable[[Request, str], None] | None = None
+    t_submitted: float | None = None
+    t_admitted: float | None = None
+    t_first_token: float | None = None
+    t_done: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    outcome: str | None = None
+    finish_reason: str | None = None  # length / stop (OpenAI's names)
+    reason: str | None = None  # why it was rejected, timed out or failed
+    long_context: bool = False
+    # Engine-private state.
+    _slot: int = -1
+    _prefilled: int = 0
+    _cancel: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+
+_ids = itertools.count()
+
+
+class Engine:
+    """Continuous batching over a model with a static KV cache of `max_batch_size` slots."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        config: EngineConfig | None = None,
+        eos_id: int | None = None,
+    ):
+        self.config = cfg = config or EngineConfig()
+        self.model = model
+        self.device = model.output.weight.device
+        self.vocab_size = model.args.vocab_size
+        self.eos_id = eos_id
+        cfg.validate(model.args.max_seq_len)
+        check_mode(cfg.mode, self.device)
+        model.setup_caches(cfg.max_batch_size, cfg.max_seq_len)
+        self.decode_fn = compile_fn(decode_step, cfg.mode)
+        self.memory_guard = _MemoryGuard(model, cfg, self.device)
+        self.memory_guard.check_startup()
+
+        self._cv = threading.Condition()
+        self._waiting: deque[Request] = deque()  # short prompts, FIFO
+        self._long: deque[Request] = deque()  # long-context lane
+        self._slots: list[Request | None] = [None] * cfg.max_batch_size
+        self._prefilling: deque[int] = deque()  # slots still prefilling, in admission order
+        self._last_long_release = -float("inf")
+        self._draining = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+        self.crashed: str | None = None
+        self.warmup_s: float | None = None
+        self.outcomes: Counter[str] = Counter()
+        self.tokens_generated = 0
+        self.decode_steps = 0
+        self.listeners: list[Callable[[Request], None]] = []  # called once per finished request
+
+    # --- public API (any thread) -------------------------------------------------------------------
+    def start(self, warmup: bool = True) -> Engine:
+        """Start the model thread; `ready` is set once warm-up (compile + capture) is done."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(warmup,), name="lab-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def validate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0) -> None:
+        """Raise LabError (a 400 for the server) for a request the engine can never serve."""
+        cfg = self.config
+        if not prompt_ids:
+            raise LabError("the prompt is empty; send at least one token")
+        if max_new_tokens < 1:
+            raise LabError("max_tokens must be at least 1")
+        if max_new_tokens > cfg.max_new_tokens:
+            raise LabError(f"max_tokens {max_new_tokens} exceeds the server's cap of {cfg.max_new_tokens}")
+        if not temperature >= 0:
+            raise LabError("temperature must be >= 0")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise LabError(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_ids) + max_new_tokens > cfg.max_seq_len:
+            raise LabError(
+                f"prompt of {len(prompt_ids)} tokens + max_tokens {max_new_tokens} exceeds the context of "
+                f"{cfg.max_seq_len} tokens; shorten the prompt or lower max_tokens"
+            )
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request. A full queue or a drain rejects it at once (its outcome is set before this
+        returns); otherwise it is admitted, times out in the queue, or finishes later."""
+        self.validate(req.prompt_ids, req.max_new_tokens, req.temperature)
+        req.id = req.id or f"req-{next(_ids)}"
+        req.t_submitted = req.t_submitted or time.monotonic()
+        req.long_context = req.prompt_len > self.config.long_context_tokens
+        with self._cv:
+            if self.crashed:
+                self._finish(req, "error", reason=f"engine failed: {self.crashed}")
+            elif self._draining or self._stop:
+                self._finish(req, "rejected_draining", reason="the server is draining; retry elsewhere")
+            elif len(self._waiting) + len(self._long) >= self.config.max_queue:
+                self._finish(
+                    req,
+                    "rejected_queue_full",
+                    reason=f"waiting queue full ({self.config.max_queue} requests)",
+                )
+            else:
+                (self._long if req.long_context else self._waiting).append(req)
+                self._cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """The client went away: free its slot (or queue place) at the next tick."""
+        with self._cv:
+            req._cancel = True
+            self._cv.notify()
+
+    def begin_drain(self) -> None:
+        """Stop admitting new requests; accepted ones (waiting or running) still finish."""
+        with self._cv:
+            self._draining = True
+            self._cv.notify()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not (self._waiting or self._long or any(self._slots))
+
+    def drain(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Stop admitting, wait for accepted requests to finish (up to `timeout_s`; the rest are
+        cancelled), stop the thread, and report what happened."""
+        before = Counter(self.outcomes)
+        self.begin_drain()
+        with self._cv:
+            in_flight = len(self._waiting) + len(self._long) + sum(s is not None for s in self._slots)
+        deadline = time.monotonic() + timeout_s
+        while not self.idle() and time.monotonic() < deadline and self._thread_alive():
+            time.sleep(0.01)
+        self.stop()
+        after = self.outcomes - before
+        return {
+            "in_flight_at_drain": in_flight,
+            "finished_during_drain": after.get("ok", 0),
+            "cancelled": after.get("cancelled", 0),
+            "outcomes_during_drain": dict(after),
+            "outcomes_total": dict(self.outcomes),
+            "drain_timeout_s": timeout_s,
+        }
+
+    def stop(self) -> None:
+        """Stop the thread; anything still waiting or running is cancelled (accounted, not dropped)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread_alive():
+            self._thread.join(timeout=60)
+        with self._cv:
+            for req in list(self._waiting) + list(self._long) + [s for s in self._slots if s]:
+                self._finish(req, "cancelled", reason="engine stopped")
+            self._waiting.clear()
+            self._long.clear()
+            self._slots = [None] * self.config.max_batch_size
+            self._prefilling.clear()
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            running = sum(s is not None for s in self._slots)
+            out = {
+                "ready": self.ready.is_set(),
+                "draining": self._draining,
+                "waiting": len(self._waiting),
+                "waiting_long_context": len(self._long),
+                "running": running,
+                "prefilling": len(self._prefilling),
+                "outcomes": dict(self.outcomes),
+                "tokens_generated": self.tokens_generated,
+                "decode_steps": self.decode_steps,
+                "memory_guard_deferrals": self.memory_guard.deferrals,
+            }
+        out.update(self.memory_guard.peak())
+        return out
+
+    # --- the model thread -------------------------------------------------------------------------
+    def _thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self, warmup: bool) -> None:
+        try:
+            with torch.inference_mode():
+                if warmup or self.config.mode != "eager":  # compiled modes must not compile under load
+                    self.warmup_s = self.warmup()
+                self.ready.set()
+                guard = no_recompile() if self.config.mode != "eager" else _nullcontext()
+                with guard:
+                    while self._loop_once():
+                        pass
+        except Exception as e:  # fail every request loudly rather than hang them
+            with self._cv:
+                self.crashed = f"{type(e).__name__}: {e}"
+                for req in list(self._waiting) + list(self._long) + [s for s in self._slots if s]:
+                    self._finish(req, "error", reason=f"engine failed: {self.crashed}")
+                self._waiting.clear()
+                self._long.clear()
+                self._slots = [None] * self.config.max_batch_size
+                self._prefilling.clear()
+
+    def _loop_once(self) -> bool:
+        with self._cv:
+            if self._stop:
+                return False
+            now = time.monotonic()
+            self._expire(now)
+            self._admit(now)
+            if not any(self._slots):
+                self._cv.wait(timeout=self._next_wakeup(now))
+                return True
+        self._tick()
+        return True
+
+    def _next_wakeup(self, now: float) -> float:
+        """Sleep until the next queue deadline or long-context window, at most 50 ms."""
+        wake = 0.05
+        for req in itertools.chain(self._waiting, self._long):
+            wake = min(wake, max(0.0, self._deadline(req) - now))
+        if self._long:
+            wake = min(wake, max(0.0, self._last_long_release + self.config.long_context_window_s - now))
+        return max(wake, 0.0005)
+
+    def _deadline(self, req: Request) -> float:
+        # Long-context requests are routed to batch windows on purpose: their queue timeout starts
+        # counting after the window they were made to wait for.
+        extra = self.config.long_context_window_s if req.long_context else 0.0
+        return req.t_submitted + self.config.queue_timeout_s + extra
+
+    def _expire(self, now: float) -> None:
+        for q in (self._waiting, self._long):
+            keep = deque()
+            for req in q:
+                if req._cancel:
+                    self._finish(req, "cancelled", reason="client cancelled while waiting")
+                elif now >= self._deadline(req):
+                    self._finish(
+                        req,
+                        "timed_out_in_queue",
+                        reason=f"waited {now - req.t_submitted:.2f} s in the queue "
+                        f"(--queue-timeout-s {self.config.queue_timeout_s:g})",
+                    )
+                else:
+                    keep.append(req)
+            q.clear()
+            q.extend(keep)
+        for slot, req in enumerate(self._slots):
+            if req is not None and req._cancel:
+                self._release(slot)
+                self._finish(req, "cancelled", reason="client cancelled while running")
+
+    def _admit(self, now: float) -> None:
+        if self._stop:
+            return
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        cfg = self.config
+        # The long-context lane: released together, at most once per window.
+        if self._long and free and now - self._last_long_release >= cfg.long_context_window_s:
+            released = 0
+            while self._long and free:
+                if not self.memory_guard.admit(self._long[0].prompt_len):
+                    break
+                self._place(self._long.popleft(), free.pop(0), now)
+                released += 1
+            if released:
+                self._last_long_release = now
+        while self._waiting and free:
+            if not self.memory_guard.admit(self._waiting[0].prompt_len):
+                break
+            self._place(self._waiting.popleft(), free.pop(0), now)
+
+    def _place(self, req: Request, slot: int, now: float) -> None:
+        req._slot, req._prefilled, req.t_admitted = slot, 0, now
+        self._slots[slot] = req
+        self._prefilling.append(slot)
+        self._notify(req, "admitted")
+
+    def _release(self, slot: int) -> None:
+        self._slots[slot] = None
+        if slot in self._prefilling:
+            self._prefilling.remove(slot)
+
+    def _tick(self) -> None:
+        """One engine tick: a bounded prefill chunk, then one decode step over every slot."""
+        if self.config.step_delay_s:
+            time.sleep(self.config.step_delay_s)
+        dev, cfg = self.device, self.config
+        budget = cfg.prefill_chunk_tokens
+        first_tokens: list[tuple[Request, Any]] = []
+        with self._cv:
+            work = []
+            for slot in list(self._prefilling):
+                if budget <= 0:
+                    break
+                req = self._slots[slot]
+                n = min(req.prompt_len - req._prefilled, budget)
+                work.append((req, req._prefilled, n))
+                budget -= n
+        for req, start, n in work:
+            chunk = torch.tensor([req.prompt_ids[start : start + n]], dtype=torch.long, device=dev)
+            pos = torch.arange(start, start + n, device=dev)[None]
+            rows = torch.tensor([req._slot], device=dev)
+            logits = self.model(chunk, pos, rows, last_only=True)[:, -1]
+            req._prefilled = start + n
+            if req._prefilled == req.prompt_len:
+                first_tokens.append((req, _sample_rows(logits, [req.temperature])))
+        # Decode: every slot, fixed shape. A slot's throwaway write goes where it is harmless: an idle
+        # slot at position 0, a slot mid-prefill at the next position its prefill will overwrite.
+        decoding = [r for r in self._slots if r is not None and r._prefilled == r.prompt_len and r.tokens]
+        cur = [0] * cfg.max_batch_size
+        pos = [0] * cfg.max_batch_size
+        temps = [0.0] * cfg.max_batch_size
+        for r in self._slots:
+            if r is None:
+                continue
+            if r in decoding:
+                cur[r._slot], pos[r._slot] = r.tokens[-1], r.prompt_len + len(r.tokens) - 1
+                temps[r._slot] = r.temperature
+            else:
+                pos[r._slot] = min(r._prefilled, cfg.max_seq_len - 1)
+        next_tok = None
+        if decoding:
+            tok, logits = self.decode_fn(
+                self.model,
+                torch.tensor(cur, device=dev).view(-1, 1),
+                torch.tensor(pos, device=dev).view(-1, 1),
+                None,
+                0.0,
+                None,
+            )
+            next_tok = _sample_rows(logits, temps, greedy=tok) if any(t > 0 for t in temps) else tok
+            self.decode_steps += 1
+        # One host sync for everything this tick produced.
+        firsts = [(r, int(t.item())) for r, t in first_tokens]
+        step = next_tok.tolist() if next_tok is not None else None
+        now = time.monotonic()
+        with self._cv:
+            for r in decoding:
+                if self._slots[r._slot] is r:
+                    self._emit(r, step[r._slot], now)
+            for r, t in firsts:
+                if self._slots[r._slot] is r:
+                    self._prefilling.remove(r._slot)
+                    r.t_first_token = now
+                    self._emit(r, t, now)
+
+    def _emit(self, req: Request, token: int, now: float) -> None:
+        req.tokens.append(token)
+        req.token_times.append(now)
+        self.tokens_generated += 1
+        self._notify(req, "token")
+        final = self.final_reason(req, len(req.tokens), token)
+        if final is not None:
+            self._release(req._slot)
+            self._finish(req, "ok", finish_reason=final)
+
+    def final_reason(self, req: Request, n_tokens: int, token: int) -> str | None:
+        """Whether the n-th generated token ends the request: "stop" (EOS), "length", or None."""
+        if self.eos_id is not None and token == self.eos_id and not req.ignore_eos:
+            return "stop"
+        if n_tokens >= req.max_new_tokens or req.prompt_len + n_tokens >= self.config.max_seq_len:
+            return "length"
+        return None
+
+    def _finish(self, req: Request, outcome: str, reason: str | None = None, finish_reason=None) -> None:
+        if req.outcome is not None:
+            return
+        req.outcome, req.reason, req.finish_reason = outcome, reason, finish_reason
+        req.t_done = time.monotonic()
+        self.outcomes[outcome] += 1
+        self._notify(req, "done")
+        for fn in self.listeners:
+            try:
+                fn(req)
+            except Exception:  # a metrics hook must never take the engine down
+                pass
+
+    def _notify(self, req: Request, event: str) -> None:
+        if req.callback is not None:
+            try:
+                req.callback(req, event)
+            except Exception:
+                pass
+
+    # --- warm-up and offline throughput --------------------------------------------------------------
+    def warmup(self) -> float:
+        """Compile and capture the decode shape (3+ calls for CUDA graphs) and run prefill chunks, so
+        the first real request pays no compile. Leaves the cache contents irrelevant (overwritten)."""
+        t0 = time.monotonic()
+        b, dev = self.config.max_batch_size, self.device
+        n = min(8, self.config.prefill_chunk_tokens, self.config.max_seq_len - 1)
+        self.model(
+            torch.zeros(1, n, dtype=torch.long, device=dev),
+            torch.arange(n, device=dev)[None],
+            torch.tensor([0], device=dev),
+            last_only=True,
+        )
+        cur = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        for i in range(4 if self.config.mode == "eager" else 5):
+            pos = torch.full((b, 1), i, dtype=torch.long, device=dev)
+            tok, _ = self.decode_fn(self.model, cur, pos, None, 0.0, None)
+            tok.tolist()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.monotonic() - t0
+
+
+def _sample_rows(logits: torch.Tensor, temps: list[float], greedy: torch.Tensor | None = None):
+    """Per-row temperature: greedy rows take the argmax, the others sample (no host sync)."""
+    if greedy is None:
+        greedy = logits.argmax(dim=-1)
+    if all(t <= 0 for t in temps):
+        return greedy
+    t = torch.tensor([max(x, 1e-6) for x in temps], device=logits.device, dtype=logits.dtype)
+    sampled = sample(logits / t[:, None], temperature=1.0)
+    mask = torch.tensor([x > 0 for x in temps], device=logits.device)
+    return torch.where(mask, sampled, greedy)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _MemoryGuard:
+    """No admission that would take the card above `max_gpu_memory_fraction` (playbook: below 80 %).
+
+    The KV cache is static (allocated once for every slot), so what admission adds is the prefill
+    workspace of one chunk; the check uses the whole card's use (other processes included). On the CPU
+    the guard does not apply and says so."""
+
+    def __init__(self, model: Transformer, cfg: EngineConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.cuda = device.type == "cuda"
+        self.deferrals = 0
+        self.not_applicable = None if self.cuda else f"not applicable on {device.type} (no GPU memory)"
+
+    def prefill_bytes(self, prompt_len: int) -> float:
+        a, cfg = self.model.args, self.cfg
+        per = self.model.output.weight.element_size()
+        t = min(prompt_len, cfg.prefill_chunk_tokens)
+        proj = max(2 * a.ffn_dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim) + 2 * a.dim
+        hidden = t * proj * per * 2
+        scores = a.n_heads * t * cfg.max_seq_len * (per + 1)  # scores + the boolean mask
+        return hidden + scores + a.vocab_size * 4 * 2
+
+    def _projected_fraction(self, extra_bytes: float) -> float:
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        others = (total - free) - reserved
+        ours = max(reserved, allocated + extra_bytes)
+        return (others + ours) / total
+
+    def check_startup(self) -> None:
+        if not self.cuda:
+            return
+        frac = self._projected_fraction(self.prefill_bytes(self.cfg.prefill_chunk_tokens))
+        if frac > self.cfg.max_gpu_memory_fraction:
+            raise LabError(
+                f"weights + KV cache ({self.cfg.max_batch_size} slots x {self.cfg.max_seq_len} tokens) + one "
+                f"prefill chunk would use {frac:.0%} of the GPU, above --max-gpu-memory-fraction "
+                f"{self.cfg.max_gpu_memory_fraction:g}; lower --max-batch-size, --max-seq-len or "
+                "--prefill-chunk-tokens"
+            )
+
+    def admit(self, prompt_len: int) -> bool:
+        if not self.cuda:
+            return True
+        if self._projected_fraction(self.prefill_bytes(prompt_len)) <= self.cfg.max_gpu_memory_fraction:
+            return True
+        self.deferrals += 1
+        return False
+
+    def peak(self) -> dict[str, Any]:
+        if not self.cuda:
+            return {"peak_memory_gb": None, "memory_fraction_limit": self.cfg.max_gpu_memory_fraction}
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        peak = torch.cuda.max_memory_reserved(self.device)
+        return {
+            "peak_memory_gb": round(peak / GB, 3),
+            "peak_memory_fraction": round(peak / total, 4),
+            "memory_fraction_limit": self.cfg.max_gpu_memory_fraction,
+        }
+
+
+def config_dict(cfg: EngineConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,146 @@
+"""A load-test session: build (or take) the in-process engine, run one open-loop run or a sweep, and
+produce the `loadtest` artifact plus the per-request JSONL beside it. The CLI, the notebook and the GPU
+benchmark all call `run_loadtest`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lab.errors import LabError
+from lab.loadtest.runner import (
+    LoadTestArtifact,
+    LoadTestConfig,
+    RunResult,
+    add_run_to_summary,
+    config_dict,
+    exclusions,
+    make_target,
+    requests_path,
+    run_once,
+    write_requests,
+)
+from lab.loadtest.sweep import best_passing, point, search
+from lab.results import finish, new_artifact, write_artifact
+
+
+def build_engine(
+    preset: str | None,
+    model_path: str | None,
+    device: str,
+    dtype: str,
+    seed: int,
+    engine_config,
+):
+    """The one way the load test and the server build the in-process engine (plans memory first)."""
+    from lab.engine.batching import Engine
+    from lab.model import prepare
+
+    prepared = prepare(
+        preset, model_path, device, dtype, seed, engine_config.max_batch_size, engine_config.max_seq_len
+    )
+    engine = Engine(prepared.model, engine_config, eos_id=prepared.spec.args.eos_token_id)
+    return engine, prepared
+
+
+def engine_info(engine, prepared) -> dict[str, Any]:
+    from lab.engine.batching import config_dict as engine_cfg
+    from lab.model import dtype_name
+
+    return {
+        "target": "in-process",
+        "preset": prepared.spec.preset,
+        "model_path": prepared.spec.model_path,
+        "device": str(prepared.device),
+        "dtype": dtype_name(prepared.dtype),
+        "config": engine_cfg(engine.config),
+        "warmup_s": engine.warmup_s,
+        "memory_plan": prepared.plan.to_dict(),
+        "memory_guard": engine.memory_guard.not_applicable or "active",
+    }
+
+
+def run_loadtest(
+    cfg: LoadTestConfig,
+    engine=None,
+    sweep: str | list[float] | None = None,
+    sweep_max_runs: int = 8,
+    output_json: str | Path | None = None,
+    params: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    telemetry_device: Any = None,
+) -> LoadTestArtifact:
+    """Run the test against `engine` (in-process) or `cfg.endpoint`; write the artifact and JSONL when
+    `output_json` is given. The engine must be started and warmed up."""
+    if cfg.endpoint is None and engine is None:
+        raise LabError("no target: pass --endpoint URL, or an engine")
+    if engine is not None and not engine.ready.wait(timeout=3600):
+        raise LabError("the engine did not finish warming up")
+    if vocab_size is None:
+        vocab_size = engine.vocab_size if engine is not None else 256
+    if engine is not None and telemetry_device is None:
+        telemetry_device = engine.device
+    art = new_artifact(LoadTestArtifact, params or {"config": config_dict(cfg), "sweep": sweep})
+    art.engine = info or ({"target": "http", "endpoint": cfg.endpoint} if cfg.endpoint else {})
+    target = make_target(cfg, engine)
+    runs: list[RunResult] = []
+
+    def run_at(qps: float) -> dict[str, Any]:
+        run = run_once(cfg, target, qps, vocab_size, telemetry_device)
+        runs.append(run)
+        return add_run_to_summary(run, engine.stats() if engine is not None else None)
+
+    summaries: dict[int, dict[str, Any]] = {}
+    if sweep is None:
+        summaries[0] = run_at(cfg.target_qps)
+        chosen = 0
+    else:
+        if not cfg.slo().given():
+            raise LabError("--sweep needs at least one SLO: --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-ms")
+        pairs = (
+            search(run_at, cfg.target_qps, cfg.slo_attainment_target, sweep_max_runs)
+            if sweep == "search"
+            else [(q, run_at(q)) for q in sweep]
+        )
+        for i, (_, s) in enumerate(pairs):
+            summaries[i] = s
+        best = best_passing(pairs, cfg.slo_attainment_target)
+        chosen = next((i for i, (q, _) in enumerate(pairs) if q == best), 0)
+        curve = sorted((point(s, cfg.slo_attainment_target) for _, s in pairs), key=lambda p: p["target_qps"])
+        art.sweep = {
+            "mode": "search" if sweep == "search" else "list",
+            "max_qps_meeting_slo": best,
+            "slo": cfg.slo().to_dict(),
+            "curve": curve,
+            "order_run": [q for q, _ in pairs],
+        }
+    run = runs[chosen]
+    art.summary = summaries[chosen]
+    if art.sweep is not None:
+        art.summary["max_qps_meeting_slo"] = art.sweep["max_qps_meeting_slo"]
+        art.summary["sweep_points"] = len(runs)
+        if art.sweep["max_qps_meeting_slo"] is None:
+            art.unavailable["max_qps_meeting_slo"] = "no swept rate met the SLOs; lower the start QPS"
+    art.verdict = run.metrics["verdict"]
+    art.distributions = run.metrics["distributions"]
+    art.slo = run.metrics["slo"]
+    art.exclusions = exclusions(run)
+    art.schedule = run.schedule.to_dict()
+    art.timeline = run.timeline
+    art.telemetry = run.telemetry
+    art.unavailable.update(run.unavailable)
+    for key in ("tokens_per_joule", "energy_j", "power_w_mean", "peak_memory_gb"):
+        if art.summary.get(key) is None:
+            art.unavailable.setdefault(key, art.unavailable.get("energy") or "not measured on this device")
+    if engine is not None:
+        art.engine["stats"] = engine.stats()
+    if not art.verdict["valid"]:
+        art.reason = "INVALID: " + "; ".join(art.verdict["reasons"])
+    finish(art)
+    if output_json is not None:
+        req_file = requests_path(output_json)
+        write_requests(req_file, runs)
+        art.requests_file = req_file.name
+        write_artifact(output_json, art)
+    return art
