@@ -346,3 +346,15 @@ def test_real_cli_on_this_machine(lab_cli, tmp_path):
     assert (
         h.returncode == 0 and "3  fallback recommended" in h.stdout and "1  a check could not run" in h.stdout
     )
+
+
+def test_unexpected_driver_error_is_a_failed_artifact_exit_1(monkeypatch, tmp_path, capsys):
+    nv = h100_node(2)
+
+    def lost(h, link):
+        raise RuntimeError("GPU is lost")
+
+    nv.nvmlDeviceGetNvLinkState = lost
+    rc, art = _run(monkeypatch, tmp_path, nv, "--world-size", "0")
+    assert rc == 1 and art.status == "failed" and "GPU is lost" in art.reason and art.exit_code == 1
+    assert "INCOMPLETE (exit 1)" in capsys.readouterr().out

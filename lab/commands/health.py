@@ -108,14 +108,11 @@ def options_from_args(args) -> object:
 
 
 def run(args, sources=None) -> int:
-    from lab.health import format_report, run_health
-    from lab.results import write_artifact
+    from lab.health import format_report, run_and_write
 
     if args.qps_drop_threshold >= 1:
         raise LabError("--qps-drop-threshold must be below 1, e.g. 0.30")
-    art = run_health(options_from_args(args), sources)
-    if args.output_json:
-        write_artifact(args.output_json, art)
+    art = run_and_write(options_from_args(args), args.output_json, sources)
     if args.json:
         print(art.model_dump_json(indent=2))
     else:

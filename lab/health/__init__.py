@@ -5,7 +5,7 @@ playbook's triggers -> `health.json` with a decision and exit code.
 Importing this package registers the "health" artifact kind with lab.results.
 """
 
-from lab.health.check import HealthOptions, Sources, run_health
+from lab.health.check import HealthOptions, Sources, run_and_write, run_health
 from lab.health.format import format_report
 from lab.health.report import Check, Decision, GpuHealth, HealthArtifact
 
@@ -17,5 +17,6 @@ __all__ = [
     "HealthOptions",
     "Sources",
     "format_report",
+    "run_and_write",
     "run_health",
 ]

@@ -24,7 +24,7 @@ from lab.health.report import (
     HealthArtifact,
 )
 from lab.health.triggers import LoadTestNumbers, decide, pcie_only, qps_drop_check, read_load_test
-from lab.results import finish, new_artifact
+from lab.results import finish, new_artifact, write_artifact
 
 MEMORY_FRACTION_MAX = 0.80  # playbook: keep GPU memory below 80 %
 NVML_CHECKS = ("nvlink", "ecc", "remapped_rows", "clocks", "pcie", "xid")
@@ -353,7 +353,13 @@ def run_health(opts: HealthOptions, sources: Sources | None = None) -> HealthArt
     from lab.model import resolve_spec
     from lab.model.plan import BYTES
 
-    on_gpu = opts.device != "cpu" and (cuda_n > 0 or (nv is not None and nv.nvmlDeviceGetCount() > 0))
+    nvml_n = 0
+    if nv is not None:
+        try:
+            nvml_n = nv.nvmlDeviceGetCount()
+        except nv.NVMLError:
+            nvml_n = 0  # reported by the NVML check below
+    on_gpu = opts.device != "cpu" and (cuda_n > 0 or nvml_n > 0)
     if opts.device.startswith("cuda") and not on_gpu:
         raise LabError(f"--device {opts.device} asked for but no NVIDIA GPU is visible; use --device cpu")
     import torch
@@ -372,6 +378,57 @@ def run_health(opts: HealthOptions, sources: Sources | None = None) -> HealthArt
     backend, world = _probe_plan(opts, cuda_n)
 
     art = new_artifact(HealthArtifact, asdict(opts))
+    try:
+        _run_checks(
+            art,
+            opts,
+            src,
+            nv,
+            nvml_reason,
+            cuda_n,
+            spec,
+            dtype,
+            max_seq,
+            on_gpu,
+            backend,
+            world,
+            baseline,
+            current,
+        )
+    except LabError:
+        raise
+    except Exception as e:  # a bug or an unexpected driver state: a failed artifact, not a traceback
+        art.exit_code = EXIT_CHECK_ERROR
+        finish(art, "failed", f"health check crashed: {type(e).__name__}: {e}")
+    return art
+
+
+def run_and_write(
+    opts: HealthOptions, path: str | os.PathLike[str] | None, sources: Sources | None = None
+) -> HealthArtifact:
+    """Run the health check and write `health.json` atomically (nothing is written on a usage error)."""
+    art = run_health(opts, sources)
+    if path is not None:
+        write_artifact(path, art)
+    return art
+
+
+def _run_checks(
+    art: HealthArtifact,
+    opts: HealthOptions,
+    src: Sources,
+    nv: Any,
+    nvml_reason: str | None,
+    cuda_n: int,
+    spec: Any,
+    dtype: str,
+    max_seq: int,
+    on_gpu: bool,
+    backend: str | None,
+    world: int,
+    baseline: LoadTestNumbers | None,
+    current: LoadTestNumbers | None,
+) -> None:
     checks: list[Check] = []
     gpus: list[GpuHealth] = []
 
@@ -493,7 +550,6 @@ def run_health(opts: HealthOptions, sources: Sources | None = None) -> HealthArt
         finish(art, "failed", "; ".join(f"{c.name}: {c.detail}" for c in broken))
     else:
         finish(art)
-    return art
 
 
 def _probe_plan(o: HealthOptions, cuda_n: int) -> tuple[str | None, int]:

@@ -72,8 +72,8 @@ def format_report(art: HealthArtifact, width: int = 110) -> str:
         lines.append(f"  reason: {r}")
     lines.append("")
     rows = check_rows(art)
-    w_check = min(24, max(len("CHECK"), *(len(r["check"]) for r in rows)))
-    w_gpu = max(len("GPU"), *(len(r["gpu"]) for r in rows))
+    w_check = min(24, max([len("CHECK"), *(len(r["check"]) for r in rows)]))
+    w_gpu = max([len("GPU"), *(len(r["gpu"]) for r in rows)])
     lines.append(f"{'CHECK':<{w_check}}  {'GPU':<{w_gpu}}  {'STATUS':<7}  DETAIL")
     for r in sorted(rows, key=lambda r: STATUS_ORDER[r["status"]]):
         name = r["check"]
