@@ -144,10 +144,12 @@ def test_pcie_width_degraded_warns(monkeypatch, tmp_path):
     assert rc == 0 and _checks(art, "pcie")[0].status == "warn"
 
 
-def _loadtest(path, qps, tokens=None, kind="loadtest", target=None):
-    summary = {"achieved_qps": qps, "output_tokens_per_s": tokens, "requests_ok": 60}
+def _loadtest(path, qps, tokens=None, kind="loadtest", target=None, ok=None, window_s=None, valid=True):
+    summary = {"achieved_qps": qps, "output_tokens_per_s": tokens, "valid": valid}
     if target is not None:
         summary["target_qps"] = target
+    if ok is not None:
+        summary.update(requests_ok=ok, measure_window_s=window_s)
     path.write_text(json.dumps({"schema_version": 1, "kind": kind, "status": "ok", "summary": summary}))
     return str(path)
 
@@ -358,3 +360,18 @@ def test_unexpected_driver_error_is_a_failed_artifact_exit_1(monkeypatch, tmp_pa
     rc, art = _run(monkeypatch, tmp_path, nv, "--world-size", "0")
     assert rc == 1 and art.status == "failed" and "GPU is lost" in art.reason and art.exit_code == 1
     assert "INCOMPLETE (exit 1)" in capsys.readouterr().out
+
+
+def test_qps_drop_uses_served_rate_and_distrusts_invalid_runs(monkeypatch, tmp_path):
+    """Open loop: achieved_qps counts requests sent on schedule; the served rate (ok / window) is what
+    the server sustained. An INVALID run is not grounds for a fallback."""
+    pcie = h100_node(1, nvlink_links=None)
+    base = _loadtest(tmp_path / "b.json", 3.0, target=3, ok=60, window_s=20.0)  # 3.0 served
+    cur = _loadtest(tmp_path / "c.json", 3.0, target=3, ok=36, window_s=20.0)  # 1.8 served: -40 %
+    rc, art = _run(monkeypatch, tmp_path, pcie, "--world-size", "0", "--baseline", base, "--current", cur)
+    (q,) = _checks(art, "qps_drop")
+    assert rc == 3 and q.value == pytest.approx(0.4) and "served QPS" in q.detail
+    lagged = _loadtest(tmp_path / "l.json", 1.8, target=3, ok=36, window_s=20.0, valid=False)
+    rc, art = _run(monkeypatch, tmp_path, pcie, "--world-size", "0", "--baseline", base, "--current", lagged)
+    (q,) = _checks(art, "qps_drop")
+    assert rc == 0 and q.status == "warn" and "re-run it" in q.detail

@@ -22,10 +22,13 @@ from lab.results import read_json
 @dataclass
 class LoadTestNumbers:
     path: str
+    qps: float  # served QPS (requests_ok / measure_window_s) when the artifact has both, else achieved_qps
+    qps_metric: str
     achieved_qps: float
     target_qps: float | None
     output_tokens_per_s: float | None
     status: str | None
+    valid: bool | None
 
 
 def _num(x: object) -> float | None:
@@ -50,8 +53,19 @@ def read_load_test(path: str | Path, flag: str) -> LoadTestNumbers:
         raise LabError(
             f"{flag} {path}: summary.achieved_qps is missing or not a number; pass a completed load test"
         )
+    # In an open-loop test achieved_qps counts requests *sent* on the schedule; what the server sustained
+    # is the rate of requests that completed ok over the same window.
+    ok, window_s = _num(summary.get("requests_ok")), _num(summary.get("measure_window_s"))
+    if ok is not None and window_s:
+        served, metric = ok / window_s, "served QPS (requests_ok / measure_window_s)"
+    else:
+        served, metric = qps, "achieved QPS"
+    valid = summary.get("valid")
     return LoadTestNumbers(
         path=str(path),
+        qps=served,
+        qps_metric=metric,
+        valid=valid if isinstance(valid, bool) else None,
         achieved_qps=qps,
         target_qps=_num(summary.get("target_qps")),
         output_tokens_per_s=_num(summary.get("output_tokens_per_s")),
@@ -69,15 +83,13 @@ def pcie_only(gpus: list[GpuHealth]) -> bool | None:
 def qps_drop_check(
     baseline: LoadTestNumbers, current: LoadTestNumbers, threshold: float, pcie: bool | None
 ) -> Check:
-    drop = (
-        (baseline.achieved_qps - current.achieved_qps) / baseline.achieved_qps
-        if baseline.achieved_qps
-        else 0.0
-    )
-    drop = round(drop, 4)
+    if current.qps_metric == baseline.qps_metric:
+        metric, cur_q, base_q = current.qps_metric, current.qps, baseline.qps
+    else:  # compare like with like
+        metric, cur_q, base_q = "achieved QPS", current.achieved_qps, baseline.achieved_qps
+    drop = round((base_q - cur_q) / base_q, 4) if base_q else 0.0
     txt = (
-        f"achieved QPS {current.achieved_qps:.3g} vs baseline {baseline.achieved_qps:.3g}: "
-        f"{'drop' if drop >= 0 else 'gain'} of {abs(drop):.0%}"
+        f"{metric} {cur_q:.3g} vs baseline {base_q:.3g}: {'drop' if drop >= 0 else 'gain'} of {abs(drop):.0%}"
     )
     if baseline.output_tokens_per_s and current.output_tokens_per_s is not None:
         tdrop = 1 - current.output_tokens_per_s / baseline.output_tokens_per_s
@@ -88,13 +100,23 @@ def qps_drop_check(
         and not math.isclose(baseline.target_qps, current.target_qps, rel_tol=0.01)
     ):
         txt += (
-            f"; target QPS differs ({current.target_qps:g} vs {baseline.target_qps:g}), so this is not a like-for-like"
-            " comparison"
+            f"; target QPS differs ({current.target_qps:g} vs {baseline.target_qps:g}), so this is not a "
+            "like-for-like comparison"
         )
     th = f"drop > {threshold:.0%} on PCIe-only hardware"
     if drop <= threshold:
         return Check(
             name="qps_drop", status="ok", detail=f"{txt}, within {threshold:.0%}", value=drop, threshold=th
+        )
+    untrusted = [x.path for x in (baseline, current) if x.valid is False or x.status not in (None, "ok")]
+    if untrusted:
+        return Check(
+            name="qps_drop",
+            status="warn",
+            detail=f"{txt}, but {', '.join(untrusted)} is not a valid completed load test (the load generator "
+            "lagged or the run failed): re-run it before deciding",
+            value=drop,
+            threshold=th,
         )
     if pcie is True:
         return Check(
