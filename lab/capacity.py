@@ -270,7 +270,9 @@ def plan_capacity(
         energy_kwh = None
         basis = "not available: neither power nor tokens/joule was measured for this tier"
     if power_w is not None:
-        notes.append("power is each replica's measured draw at its measured load: an upper bound below it")
+        notes.append(
+            "power assumes each replica draws what it drew at its measured load: an upper bound when it runs below"
+        )
     return CapacityPlan(
         tier=tier.name,
         source=tier.source,

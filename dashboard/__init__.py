@@ -1,0 +1,1 @@
+"""The Streamlit dashboard over drill reports: `lab dashboard` or `streamlit run dashboard/app.py`."""

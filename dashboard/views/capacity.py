@@ -1,0 +1,189 @@
+"""Capacity planner: how many single-GPU fallback replicas carry a target traffic with headroom, what
+they draw and use per day, and (where measured) the same for the multi-GPU tier. The arithmetic is
+lab.capacity's; this page collects inputs and shows the measured figures beside the answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data, ui
+from lab.capacity import (
+    CapacityPlan,
+    TierMeasurement,
+    compare_plans,
+    find_knee,
+    plan_capacity,
+    sweep_point,
+    tier_from_knee,
+)
+from lab.errors import LabError
+
+num = data._num
+
+
+def measure_tier(
+    run: data.Run, name: str, lt: dict[str, Any], min_attainment: float
+) -> tuple[TierMeasurement | None, list[dict[str, Any]], str | None]:
+    """The tier's measured figures from a load-test artifact: the sweep's knee, else its one load."""
+    slo = data.slo_ms(lt)
+    s = lt.get("summary") or {}
+    raw = [p for p in lt.get("sweep") or lt.get("curve") or [] if isinstance(p, dict)]
+    basis = "sweep knee"
+    if not raw:
+        raw, basis = [s], "the run's single offered load (no sweep)"
+    points = [p for p in (sweep_point(r, slo, min_attainment) for r in raw) if p]
+    knee = find_knee(points)
+    tp = data.tensor_parallel_gpus(lt)
+    tier_name = "single-GPU fallback" if tp == 1 else f"{tp}-GPU tensor parallel"
+    try:
+        tier = tier_from_knee(
+            tier_name,
+            knee,
+            gpus_per_replica=tp,
+            source=f"{run.run_id}/{name}",
+            tokens_per_joule=s.get("tokens_per_joule"),
+            power_w=s.get("power_w_mean"),
+        )
+    except LabError as e:
+        return None, [], str(e)
+    p = knee.point
+    assert p is not None  # tier_from_knee raised otherwise
+    from_point = f"{basis} at {p.offered_qps:g} QPS offered"
+    rows = [
+        {"figure": "capacity (requests/s within the SLO)", "value": tier.capacity_qps, "from": from_point},
+        {"figure": "GPUs per replica", "value": tp, "from": "params.tensor_parallel_gpus"},
+        {
+            "figure": "output tokens/s",
+            "value": tier.output_tokens_per_s,
+            "from": from_point if p.output_tokens_per_s is not None else "run summary",
+        },
+        {
+            "figure": "tokens per request",
+            "value": tier.tokens_per_request,
+            "from": "output tokens/s ÷ capacity",
+        },
+        {
+            "figure": "tokens/joule",
+            "value": tier.tokens_per_joule,
+            "from": from_point if p.tokens_per_joule is not None else "run summary",
+        },
+        {
+            "figure": "power per replica (W)",
+            "value": tier.replica_power_w,
+            "from": from_point
+            if p.power_w_mean is not None
+            else ("run summary" if tier.power_w is not None else "tokens/s ÷ tokens/joule"),
+        },
+        {
+            "figure": "SLO",
+            "value": None,
+            "from": ", ".join(f"{k} ≤ {v:g} ms" for k, v in slo.items()) or "explicit meets_slo / attainment",
+        },
+    ]
+    return tier, rows, None
+
+
+def plan_block(plan: CapacityPlan) -> None:
+    c = st.columns(5)
+    c[0].metric("Replicas", plan.replicas)
+    c[1].metric("GPUs", plan.gpus)
+    c[2].metric("Power (kW)", "n/a" if plan.power_w is None else ui.fmt(plan.power_w / 1000))
+    c[3].metric("Energy / day (kWh)", ui.fmt(plan.energy_kwh_per_day))
+    c[4].metric("Utilisation", f"{plan.utilisation:.0%}")
+    st.caption(
+        f"{plan.target_qps:,.3g} req/s ÷ ({plan.capacity_qps_per_replica:,.3g} req/s × (1 − {plan.headroom:.0%} headroom)"
+        f" = {plan.usable_qps_per_replica:,.3g}) → {plan.replicas} replica(s). Energy: {plan.energy_basis}."
+    )
+    for n in plan.notes:
+        st.caption("• " + n)
+
+
+def render() -> None:
+    run = ui.current_run()
+    ui.header(
+        "Capacity planner", "How many fallback GPUs carry the target traffic, at what power and energy?", run
+    )
+    if run is None:
+        return
+    tests = run.by_kind("loadtest")
+    ui.show_warnings(run, *([n for n, _ in tests] or ["load_test.json"]))
+    if not tests:
+        ui.missing(
+            run,
+            "load test to plan from",
+            "lab loadtest --sweep 1,2,4,8 --output-json reports/<run-id>/load_test.json",
+        )
+        return
+
+    with st.container(border=True):
+        st.markdown("**Inputs**")
+        c = st.columns(4)
+        unit = c[0].radio("Target traffic in", ["requests/s", "output tokens/s"], key="cap-unit")
+        target = c[1].number_input(
+            f"Target ({unit})",
+            min_value=0.0,
+            value=10.0 if unit == "requests/s" else 2000.0,
+            key=f"cap-target-{unit}",
+        )
+        headroom_pct = c[2].slider("Headroom (% of capacity kept spare)", 0, 90, 20, key="cap-headroom")
+        min_att = c[3].number_input(
+            "SLO attainment a load must reach",
+            min_value=0.5,
+            max_value=1.0,
+            value=0.99,
+            step=0.01,
+            key="cap-attainment",
+            help="Used for sweep points that do not say meets_slo themselves",
+        )
+
+    singles = [(n, a) for n, a in tests if data.tensor_parallel_gpus(a) == 1]
+    multis = [(n, a) for n, a in tests if data.tensor_parallel_gpus(a) > 1]
+    plans: dict[str, CapacityPlan] = {}
+    for title, group in (("Single-GPU fallback", singles), ("Multi-GPU tier", multis)):
+        st.subheader(title)
+        if not group:
+            st.info(
+                "Not measured in this run"
+                + (" (run the drill's tier comparison under torchrun)." if group is multis else ".")
+            )
+            continue
+        name, lt = group[0]
+        tier, rows, err = measure_tier(run, name, lt, float(min_att))
+        if tier is None:
+            st.warning(err)
+            continue
+        try:
+            kwargs = (
+                {"target_qps": target} if unit == "requests/s" else {"target_output_tokens_per_s": target}
+            )
+            plan = plan_capacity(tier, headroom=headroom_pct / 100, **kwargs)
+        except LabError as e:
+            st.error(str(e))
+        else:
+            plans[title] = plan
+            plan_block(plan)
+        st.caption(f"Measured figures used (`{name}`)")
+        shown = [{**r, "value": "" if r["value"] is None else ui.fmt(r["value"], digits=4)} for r in rows]
+        st.dataframe(pd.DataFrame(shown), hide_index=True)
+
+    if len(plans) == 2:
+        st.subheader("Fallback against the multi-GPU tier")
+        r = compare_plans(plans["Single-GPU fallback"], plans["Multi-GPU tier"])
+        labels = {
+            "gpus_ratio": "GPUs needed (fallback ÷ multi-GPU)",
+            "power_ratio": "power (fallback ÷ multi-GPU)",
+            "energy_ratio": "energy per day (fallback ÷ multi-GPU)",
+            "tokens_per_joule_ratio": "tokens/joule (fallback as a fraction of multi-GPU)",
+            "capacity_per_gpu_ratio": "capacity per GPU (fallback ÷ multi-GPU)",
+        }
+        st.dataframe(pd.DataFrame([{"ratio": labels[k], "value": v} for k, v in r.items()]), hide_index=True)
+    if plans:
+        table = pd.DataFrame([p.as_dict() for p in plans.values()])
+        ui.download_csv(table, f"{run.run_id}-capacity-plan.csv")
+        ui.download_json([p.as_dict() for p in plans.values()], f"{run.run_id}-capacity-plan.json")
+
+
+render()

@@ -1,0 +1,108 @@
+"""Overview: is this drill a go? The fallback decision and its triggers, every metric against the
+capacity-expectation profile, and the drill's step statuses."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboard import data, ui
+
+
+def expectations_figure(exp) -> go.Figure:
+    """Measured / expected per metric (1 = exactly on profile), coloured by verdict."""
+    rows = exp.dropna(subset=["measured", "expected"])
+    rows = rows[rows["expected"] != 0]
+    ratio = rows["measured"] / rows["expected"]
+    fig = go.Figure(
+        go.Bar(
+            x=ratio,
+            y=rows["metric"],
+            orientation="h",
+            name="measured / expected",
+            marker_color=[ui.VERDICT_COLORS.get(v, "#757575") for v in rows["verdict"]],
+            customdata=rows[["measured", "expected", "verdict", "direction"]].values,
+            hovertemplate="%{y}: measured %{customdata[0]:.4g} vs expected %{customdata[1]:.4g}"
+            " (%{customdata[2]}, %{customdata[3]} is better)<extra></extra>",
+        )
+    )
+    fig.add_vline(x=1.0, line_dash="dash", annotation_text="on profile")
+    fig.update_layout(
+        title="Measured / expected (1 = on profile; colour = verdict)",
+        height=120 + 32 * len(rows),
+        margin={"l": 10, "r": 10, "t": 50, "b": 10},
+        xaxis_title="measured / expected",
+    )
+    return fig
+
+
+def render() -> None:
+    run = ui.current_run()
+    ui.header("Overview", "Is the single-GPU fallback ready to take traffic?", run)
+    if run is None:
+        return
+    ui.show_warnings(run)
+
+    verdict, reasons = data.go_no_go(run)
+    box = {"GO": st.success, "NO-GO": st.error}.get(verdict, st.info)
+    box(f"**{verdict}** — " + "; ".join(reasons))
+
+    health = run.step("health")
+    exp = data.expectations_frame(run)
+    steps = data.steps_frame(run)
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Go / no-go", verdict)
+    decision = (health or {}).get("decision") or {}
+    rec = decision.get("fallback_recommended")
+    c2.metric("Fallback recommended", "n/a" if rec is None else ("yes" if rec else "no"))
+    counts = exp["verdict"].value_counts() if not exp.empty else {}
+    c3.metric(
+        "Expectations pass / warn / fail",
+        f"{counts.get('pass', 0)} / {counts.get('warn', 0)} / {counts.get('fail', 0)}"
+        if not exp.empty
+        else "n/a",
+    )
+    ok = int((steps["status"] == "ok").sum()) if not steps.empty else 0
+    c4.metric("Drill steps ok", f"{ok} / {len(steps)}" if not steps.empty else "n/a")
+
+    st.subheader("Fallback decision")
+    if health is None:
+        ui.missing(run, "health check (health.json)", "lab health --output-json reports/<run-id>/health.json")
+    else:
+        triggers = decision.get("triggers") or []
+        if rec:
+            st.error(
+                "Fallback recommended. Triggers: " + (", ".join(f"`{t}`" for t in triggers) or "none named")
+            )
+        elif rec is False:
+            st.success("No fallback trigger fired: the multi-GPU tier looks healthy.")
+        else:
+            st.info("The health artifact holds no decision.")
+        for reason in decision.get("reasons") or []:
+            st.markdown(f"- {reason}")
+
+    st.subheader("Against the capacity expectations")
+    if exp.empty:
+        ui.missing(run, "expectations evaluation (expectations.json)", "lab drill --profile NAME")
+    else:
+        profile = (run.expectations or {}).get("profile") or (run.expectations or {}).get("params", {}).get(
+            "profile"
+        )
+        st.caption(f"Profile: `{profile or 'unnamed'}`")
+        st.plotly_chart(expectations_figure(exp), key="overview-expectations")
+        st.dataframe(exp, hide_index=True)
+        ui.download_csv(exp, f"{run.run_id}-expectations.csv")
+
+    st.subheader("Drill steps")
+    if steps.empty:
+        st.info("No manifest and no step artifacts in this run.")
+    else:
+        st.dataframe(steps, hide_index=True)
+        ui.download_csv(steps, f"{run.run_id}-steps.csv")
+    manifest = run.manifest
+    if manifest:
+        ui.environment_caption(manifest)
+        ui.download_json(manifest, f"{run.run_id}-manifest.json")
+
+
+render()
