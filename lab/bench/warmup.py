@@ -263,7 +263,7 @@ def prepare_warmup(cfg: WarmupConfig):
     cache_dir = None
     if cfg.compile_cache_dir and mode != "eager":
         cache_dir = use_compile_cache(cfg.compile_cache_dir)
-    max_seq = cfg.prompt_len + cfg.max_new_tokens
+    max_seq = cfg.prompt_len + max(cfg.max_new_tokens, 4)  # Generator.warmup primes 4 tokens
     if cfg.tensor_parallel_gpus > 1:
         prepared = _tp_prepare(cfg, cfg.batch_size, max_seq)
     else:
@@ -279,7 +279,6 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
     import torch
 
     from lab.engine.generate import Generator, no_recompile
-    from lab.model import dtype_name
     from lab.results import finish, new_artifact
     from lab.telemetry import Telemetry
 
@@ -293,14 +292,14 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
         "preset": prepared.spec.preset,
         "model_path": prepared.spec.model_path,
         "device": str(device),
-        "dtype": dtype_name(prepared.dtype),
+        "dtype": weight_dtype(prepared),
         "compile_cache_dir": str(cache_dir) if cache_dir else None,
     }
     art.memory_plan = prepared.plan.to_dict()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    max_seq = cfg.prompt_len + cfg.max_new_tokens
+    max_seq = cfg.prompt_len + max(cfg.max_new_tokens, 4)  # Generator.warmup primes 4 tokens
     gen = Generator(model, mode, cfg.batch_size, max_seq)
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, args.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g)
@@ -317,7 +316,7 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
                 str(x)
                 for x in (
                     prepared.spec.preset or prepared.spec.model_path,
-                    dtype_name(prepared.dtype),
+                    weight_dtype(prepared),
                     f"b{cfg.batch_size}",
                     f"s{max_seq}",
                     mode,
@@ -393,6 +392,13 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
     return finish(art)
 
 
+def weight_dtype(prepared) -> str:
+    """The weights' storage type: fp8/int8 for weight-only quantised models, else the model dtype."""
+    from lab.model import dtype_name
+
+    return getattr(prepared, "quant", None) or dtype_name(prepared.dtype)
+
+
 def roofline(prepared, kv_len: int, batch: int, s: dict[str, Any], measure: bool, un: dict[str, str]):
     """MBU against the copy bandwidth measured now, on this card; decode MFU against measured bf16
     matmul FLOP/s. The dense mask over the static cache reads the allocated cache length."""
@@ -403,11 +409,10 @@ def roofline(prepared, kv_len: int, batch: int, s: dict[str, Any], measure: bool
         measure_copy_bandwidth,
         measure_matmul_flops,
     )
-    from lab.model import dtype_name
 
     args, device = prepared.spec.args, prepared.device
     out: dict[str, Any] = {
-        "bytes_per_step": decode_bytes_per_step(args, dtype_name(prepared.dtype), batch, kv_len),
+        "bytes_per_step": decode_bytes_per_step(args, weight_dtype(prepared), batch, kv_len),
         "kv_len_read": kv_len,
         "params": args.num_params(),
     }
