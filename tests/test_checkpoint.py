@@ -196,6 +196,18 @@ def test_good_files_load_exactly(tmp_path, tiny_model):
             assert torch.equal(loaded[k], ours[k]), (f, k)
 
 
+def test_hf_directory_with_pytorch_bin_and_wrapped_names(tmp_path, tiny_model):
+    """pytorch_model.bin (HF names, weights_only) in a directory; DDP/compile prefixes in a .pth."""
+    ours = _ours(tiny_model)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    torch.save(_hf_names(ours), hf_dir / "pytorch_model.bin")
+    torch.save({f"module._orig_mod.{k}": v for k, v in ours.items()}, tmp_path / "ddp.pth")
+    for path in (hf_dir, tmp_path / "ddp.pth"):
+        loaded = load_state_dict(path, TINY)
+        assert set(loaded) == set(ours) and all(torch.equal(loaded[k], ours[k]) for k in ours)
+
+
 def test_missing_tensors_are_named(tmp_path, tiny_model):
     ours = _ours(tiny_model)
     del ours["layers.1.feed_forward.w2.weight"]
