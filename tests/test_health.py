@@ -375,3 +375,17 @@ def test_qps_drop_uses_served_rate_and_distrusts_invalid_runs(monkeypatch, tmp_p
     rc, art = _run(monkeypatch, tmp_path, pcie, "--world-size", "0", "--baseline", base, "--current", lagged)
     (q,) = _checks(art, "qps_drop")
     assert rc == 0 and q.status == "warn" and "re-run it" in q.detail
+
+
+def test_pcie_card_without_bridge_is_pcie_only_not_degraded(monkeypatch, tmp_path):
+    nv = h100_node(2, name="NVIDIA H100 PCIe", nvlink_down=tuple(range(18)))
+    rc, art = _run(monkeypatch, tmp_path, nv, "--world-size", "0")
+    assert rc == 0 and art.decision.triggers == []
+    assert all(c.status == "skipped" and "PCIe-only" in c.detail for c in _checks(art, "nvlink"))
+    base = _loadtest(tmp_path / "b.json", 10.0)
+    cur = _loadtest(tmp_path / "c.json", 5.0)
+    rc, art = _run(monkeypatch, tmp_path, nv, "--world-size", "0", "--baseline", base, "--current", cur)
+    assert rc == 3 and art.decision.triggers == ["pcie_only_qps_drop"]
+    # The same links all down on an SXM board is a degraded fabric.
+    rc, art = _run(monkeypatch, tmp_path, h100_node(2, nvlink_down=tuple(range(18))), "--world-size", "0")
+    assert rc == 3 and art.decision.triggers == ["nvlink_degraded"]

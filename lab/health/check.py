@@ -97,7 +97,20 @@ def _validate(o: HealthOptions) -> tuple[LoadTestNumbers | None, LoadTestNumbers
 def gpu_checks(g: GpuHealth, min_links: int) -> list[Check]:
     out: list[Check] = []
     i = g.index
-    if g.nvlink_supported:
+    if g.nvlink_supported and g.nvlink_active_links == 0 and "pcie" in (g.name or "").lower():
+        # A PCIe card reports its bridge links even with no bridge fitted: PCIe-only, not degraded.
+        out.append(
+            Check(
+                name="nvlink",
+                status="skipped",
+                gpu=i,
+                detail=f"PCIe card with no NVLink bridge connected (0 of {g.nvlink_links_reported} links active): "
+                "PCIe-only",
+                value=0,
+                threshold=min_links,
+            )
+        )
+    elif g.nvlink_supported:
         txt = f"{g.nvlink_active_links} of {g.nvlink_links_reported} NVLink links active"
         if g.nvlink_inactive:
             txt += f" (down: {', '.join(map(str, g.nvlink_inactive))})"
