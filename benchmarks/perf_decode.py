@@ -116,12 +116,16 @@ def hf_runs(model, args, batches, prompt_len, new_tokens, repeats):
         tie_word_embeddings=args.tie_embeddings,
         rope_scaling=args.rope_scaling,
     )
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg)
-    hf.load_state_dict(to_hf_state(model), assign=True, strict=True)
-    hf = hf.to(device="cuda", dtype=torch.bfloat16).eval()
-    with torch.device("cuda"):  # its inv_freq buffer was built on meta
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
+    # Built on the GPU directly in bf16, then our weights copied in: same weights, same card.
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            hf = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    hf.load_state_dict(to_hf_state(model), strict=True)
+    hf = hf.eval()
     hf.generation_config.pad_token_id = 0
     out = {"transformers": transformers.__version__}
     for b in batches:
