@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a dev dependency (pyproject's [dev] extra): a test-only reference
 
-transformers = pytest.importorskip("transformers")
-
-from lab.engine.generate import Generator  # noqa: E402
-from lab.model import prepare  # noqa: E402
+from lab.engine.generate import Generator
+from lab.model import prepare
 
 PROMPT_LEN, NEW_TOKENS, FULL_LEN = 7, 24, 48
 
