@@ -488,11 +488,17 @@ def compare_inference_methods(
     max_seq = prompt_len + max(max_new_tokens, 4)
     plan: dict[str, Any] = {}
     if isinstance(model, Transformer):
+        from lab.model.plan import device_memory_gb, plan_memory
+
         preset = None
         if max_seq > model.args.max_seq_len:
             raise LabError(
                 f"prompt_len + max_new_tokens = {max_seq} exceeds the model's context {model.args.max_seq_len}"
             )
+        w = model.output.weight
+        plan = plan_memory(
+            model.args, dtype_name(w.dtype), batch_size, max_seq, device_memory_gb(w.device), str(w.device)
+        ).to_dict()
     else:
         from lab.model import prepare
 

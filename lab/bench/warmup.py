@@ -324,7 +324,7 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
                     f"torch{torch.__version__}",
                 )
             )
-            entry = record_compile_time(cache_dir, key, state, prime_s)
+            entry = record_compile_time(cache_dir, key, state, prime_s) if is_rank_zero() else {}
             art.compile.update(key=key, cold_s=entry.get("cold_s"), warm_s=entry.get("warm_s"))
 
     for _ in range(cfg.warmup):
@@ -342,6 +342,7 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
     if s["memory_used_fraction"] is not None:
         s["memory_below_80pct"] = s["memory_used_fraction"] < MEMORY_ALERT_FRACTION
     s["memory_plan_gb"] = prepared.plan.total_gb
+    s["memory_plan_headroom_gb"] = prepared.plan.headroom_gb
     s["compile_s"] = art.compile.get("compile_s")
     s["compile_s_cold"] = art.compile.get("cold_s")
     s["compile_s_warm"] = art.compile.get("warm_s")
