@@ -374,7 +374,8 @@ def _run_method(
     max_new_tokens: int,
     iters: int,
     warmup: int,
-) -> MethodResult:
+):
+    """Build, prime, time one method. Returns (result, the first timed iteration's tokens)."""
     import time
 
     import torch
@@ -417,8 +418,7 @@ def _run_method(
         r.peak_memory_reserved_gb = torch.cuda.max_memory_reserved(device) / GB
         r.extra_memory_gb = (torch.cuda.max_memory_allocated(device) - base_alloc) / GB
     r.handle = gen
-    r._tokens = results[0].tokens  # type: ignore[attr-defined]
-    return r
+    return r, results[0].tokens
 
 
 def _failed(name: str, e: BaseException) -> MethodResult:
@@ -516,13 +516,12 @@ def compare_inference_methods(
         if progress:
             progress(name)
         try:
-            r = _run_method(name, custom.get(name), model, prompt, max_new_tokens, iters, warmup)
-            logits = _forced_logits(r.handle, prompt, ref_tokens if ref_tokens is not None else r._tokens)
+            r, tokens = _run_method(name, custom.get(name), model, prompt, max_new_tokens, iters, warmup)
+            logits = _forced_logits(r.handle, prompt, ref_tokens if ref_tokens is not None else tokens)
             if name == "eager":
-                ref_tokens, ref_logits = r._tokens, logits
+                ref_tokens, ref_logits = tokens, logits
             if ref_tokens is not None:
-                _check_against(r, ref_tokens, ref_logits, r._tokens, logits, dtype_name(dt))
-            del r._tokens
+                _check_against(r, ref_tokens, ref_logits, tokens, logits, dtype_name(dt))
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # LabError too: a custom method's misuse fails that method only
