@@ -112,6 +112,11 @@ def test_artifact_round_trips_and_validates(result, tmp_path):
     assert back.summary["methods_failed"] == 3 and "needs a CUDA GPU" in back.unavailable["reduce-overhead"]
     assert "not available on cpu" in back.unavailable["peak_memory_gb"]
     assert all("handle" not in m for m in back.methods)
+    eager = back.methods[0]
+    assert (
+        eager["decode_ms_per_token_p50"] == eager["decode_ms_per_token"]["p50"]
+        and eager["decode_tokens_per_s"] > 0
+    )
 
 
 def test_method_names_are_validated():

@@ -77,7 +77,13 @@ class MethodResult:
     handle: Any = field(default=None, repr=False)  # the Generator, ready to reuse
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "handle"}
+        out = {k: v for k, v in self.__dict__.items() if k != "handle"}
+        # Flat copies for readers (dashboard, gate) that want one number per method.
+        out["ttft_ms_p50"] = self.ttft_ms.get("p50")
+        for q in ("p50", "p90", "p99"):
+            out[f"decode_ms_per_token_{q}"] = self.decode_ms_per_token.get(q)
+        out["decode_tokens_per_s"] = self.decode_tokens_per_s_aggregate
+        return out
 
 
 @dataclass
