@@ -155,6 +155,9 @@ def register(sub) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_model_args(p)
     add_engine_args(p, max_seq_len_default=None)
+    from lab.distributed import add_tp_args
+
+    add_tp_args(p, with_allow_smaller_world=False, tp_default=None)
     p.set_defaults(func=run)
 
 
@@ -170,6 +173,13 @@ def check_world(args) -> tuple[int, int]:
             "(--expected-world-size); add --allow-smaller-world to run the single-GPU fallback load test"
         )
     return world, rank
+
+
+def _tp(args, world: int) -> int:
+    """Tensor-parallel ranks: --tensor-parallel-gpus, else the world torchrun launched."""
+    from lab.distributed import tp_from_env
+
+    return tp_from_env(args.tensor_parallel_gpus) if world > 1 or args.tensor_parallel_gpus else 1
 
 
 def run(args) -> int:
@@ -237,25 +247,43 @@ def run(args) -> int:
             telemetry_device=args.telemetry_device,
         )
     else:
-        if world > 1:
-            # Hook for tensor parallel (lab.distributed): the in-process engine would need every rank to
-            # follow rank 0's schedule tick by tick. Until that exists, serve TP behind an endpoint.
-            raise LabError(
-                f"the in-process engine serves one GPU; with world size {world} point --endpoint at the "
-                "tensor-parallel server, or run with --nproc_per_node=1"
-            )
         max_seq = args.max_seq_len or (args.prompt_len_max + args.max_new_tokens)
         from lab.commands.serve import engine_config_from_args
 
         ecfg = engine_config_from_args(args, args.max_new_tokens, max_seq)
-        engine, prepared = build_engine(
-            args.preset, args.model_path, args.device, args.dtype, args.seed, ecfg
-        )
+        tp = _tp(args, world)
+        if tp > 1:
+            # The multi-GPU tier (lab.distributed): every rank holds a shard; rank 0 generates the load and
+            # schedules, the others run each step it broadcasts. Only rank 0 counts and records.
+            from lab.distributed import build_engine_tp, follow_engine
+
+            engine, prepared = build_engine_tp(
+                args.preset,
+                args.model_path,
+                args.device,
+                args.dtype,
+                args.seed,
+                ecfg,
+                tp,
+                args.dist_timeout_s,
+                args.allow_smaller_world,
+            )
+            if rank != 0:
+                follow_engine(engine)
+                return 0
+        else:
+            engine, prepared = build_engine(
+                args.preset, args.model_path, args.device, args.dtype, args.seed, ecfg
+            )
         engine.start(warmup=True)
         try:
             if not engine.ready.wait(timeout=3600) or engine.crashed:
                 raise LabError(f"the engine failed to warm up: {engine.crashed}")
             info = engine_info(engine, prepared)
+            if tp > 1:
+                from lab.distributed import current
+
+                info["tensor_parallel"] = current().describe()
             art = run_loadtest(cfg, engine, sweep, args.sweep_max_runs, args.output_json, params, info)
         finally:
             engine.stop()

@@ -168,9 +168,42 @@ def run(args) -> int:
         log_level="warning",
         timeout_graceful_shutdown=int(args.drain_timeout_s),
     )
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config, engine)
     server.run()
     return 0 if engine.crashed is None else 1
+
+
+def _server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: stop admitting at once (health turns 503 draining), let uvicorn finish the
+        open requests, then the app's shutdown drains the engine and prints the report. A completed
+        graceful drain exits 0 instead of re-raising the signal."""
+
+        def __init__(self, config, engine):
+            super().__init__(config)
+            self.engine = engine
+
+        def handle_exit(self, sig, frame) -> None:
+            self.engine.begin_drain()
+            super().handle_exit(sig, frame)
+
+        def run(self, sockets=None) -> None:
+            import signal
+
+            previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                super().run(sockets)
+            finally:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+
+    return DrainingServer
+
+
+def _DrainingServer(config, engine):
+    return _server_class()(config, engine)
 
 
 def _check_bindable(host: str, port: int) -> None:

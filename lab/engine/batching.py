@@ -144,6 +144,7 @@ class Engine:
         self._prefilling: deque[int] = deque()  # slots still prefilling, in admission order
         self._last_long_release = -float("inf")
         self._draining = False
+        self._drain_start: tuple[Counter[str], int, float] | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
@@ -153,6 +154,11 @@ class Engine:
         self.tokens_generated = 0
         self.decode_steps = 0
         self.listeners: list[Callable[[Request], None]] = []  # called once per finished request
+        # Tensor parallel (lab.distributed): on rank 0 of a multi-GPU tier this engine is the leader and
+        # broadcasts every step's plan; the other ranks run it in lab.distributed.follow_engine.
+        from lab.distributed import send_plan, tp_leader
+
+        self.tp_leader, self._send_plan = tp_leader(), send_plan
 
     # --- public API (any thread) -------------------------------------------------------------------
     def start(self, warmup: bool = True) -> Engine:
@@ -214,8 +220,13 @@ class Engine:
     def begin_drain(self) -> None:
         """Stop admitting new requests; accepted ones (waiting or running) still finish."""
         with self._cv:
+            if not self._draining:
+                self._drain_start = (Counter(self.outcomes), self._in_flight(), time.monotonic())
             self._draining = True
             self._cv.notify()
+
+    def _in_flight(self) -> int:
+        return len(self._waiting) + len(self._long) + sum(s is not None for s in self._slots)
 
     @property
     def draining(self) -> bool:
@@ -228,10 +239,8 @@ class Engine:
     def drain(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Stop admitting, wait for accepted requests to finish (up to `timeout_s`; the rest are
         cancelled), stop the thread, and report what happened."""
-        before = Counter(self.outcomes)
         self.begin_drain()
-        with self._cv:
-            in_flight = len(self._waiting) + len(self._long) + sum(s is not None for s in self._slots)
+        before, in_flight, t_start = self._drain_start
         deadline = time.monotonic() + timeout_s
         while not self.idle() and time.monotonic() < deadline and self._thread_alive():
             time.sleep(0.01)
@@ -244,6 +253,7 @@ class Engine:
             "outcomes_during_drain": dict(after),
             "outcomes_total": dict(self.outcomes),
             "drain_timeout_s": timeout_s,
+            "drain_s": round(time.monotonic() - t_start, 3),
         }
 
     def stop(self) -> None:
@@ -287,6 +297,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 if warmup or self.config.mode != "eager":  # compiled modes must not compile under load
+                    self._send_plan({"op": "warmup"})
                     self.warmup_s = self.warmup()
                 self.ready.set()
                 guard = no_recompile() if self.config.mode != "eager" else _nullcontext()
@@ -302,6 +313,12 @@ class Engine:
                 self._long.clear()
                 self._slots = [None] * self.config.max_batch_size
                 self._prefilling.clear()
+        finally:
+            if self.tp_leader:  # release the follower ranks (best effort: the group may be broken)
+                try:
+                    self._send_plan({"op": "stop"})
+                except Exception:
+                    pass
 
     def _loop_once(self) -> bool:
         with self._cv:
@@ -312,6 +329,8 @@ class Engine:
             self._admit(now)
             if not any(self._slots):
                 self._cv.wait(timeout=self._next_wakeup(now))
+                if self.tp_leader:
+                    self._send_plan({"op": "idle"})  # keep-alive, at most once a second
                 return True
         self._tick()
         return True
@@ -400,6 +419,9 @@ class Engine:
                 n = min(req.prompt_len - req._prefilled, budget)
                 work.append((req, req._prefilled, n))
                 budget -= n
+        if self.tp_leader and work:
+            chunks = [[r._slot, start, r.prompt_ids[start : start + n]] for r, start, n in work]
+            self._send_plan({"op": "prefill", "chunks": chunks})
         for req, start, n in work:
             chunk = torch.tensor([req.prompt_ids[start : start + n]], dtype=torch.long, device=dev)
             pos = torch.arange(start, start + n, device=dev)[None]
@@ -424,6 +446,8 @@ class Engine:
                 pos[r._slot] = min(r._prefilled, cfg.max_seq_len - 1)
         next_tok = None
         if decoding:
+            if self.tp_leader:
+                self._send_plan({"op": "decode", "cur": cur, "pos": pos})
             tok, logits = self.decode_fn(
                 self.model,
                 torch.tensor(cur, device=dev).view(-1, 1),

@@ -163,9 +163,9 @@ class _TelemetryWindow:
     synchronisation must not stall the load generator). Records when the window really opened/closed."""
 
     def __init__(self, device, start_s: float, end_s: float):
-        from lab.telemetry import Telemetry
+        from lab.distributed import tier_telemetry
 
-        self.tel = Telemetry(device)
+        self.tel = tier_telemetry(device)  # Telemetry; on a multi-GPU tier, every rank's GPU summed
         self.start_s, self.end_s = start_s, end_s
         self.t_open: float | None = None
         self.t_close: float | None = None
