@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,7 +188,10 @@ def test_latency_counts_from_the_scheduled_time_when_the_engine_is_slow(model, t
     eng = engine(model, max_batch_size=1, max_queue=100, queue_timeout_s=60, step_delay_s=0.05)
     try:
         out = tmp_path / "lt.json"
-        art = run_loadtest(quick(target_qps=10, pattern="constant", max_new_tokens=2), eng, output_json=out)
+        cfg = quick(
+            duration_s=2.4, target_qps=10, pattern="constant", max_new_tokens=2, warmup_s=0.3, cooldown_s=0.3
+        )
+        art = run_loadtest(cfg, eng, output_json=out)
     finally:
         eng.stop()
     rows = [json.loads(x) for x in (tmp_path / "lt.requests.jsonl").read_text().splitlines()]
@@ -234,17 +238,13 @@ def test_smaller_world_is_refused_without_the_flag(lab_cli, tmp_path):
     assert bad.returncode == 2 and "must be less than --duration" in bad.stderr
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None
-    and not (sys.prefix and shutil.which("torchrun", path=f"{sys.prefix}/bin")),
-    reason="torchrun is not installed",
-)
 def test_playbook_command_under_torchrun(tmp_path, repo_root):
     """The playbook's command, `torchrun --nproc_per_node=1 -m lab loadtest ...` (shortened)."""
     import os
     import subprocess
 
-    torchrun = shutil.which("torchrun", path=f"{sys.prefix}/bin") or shutil.which("torchrun")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun, "torchrun ships with torch; the venv should have it"
     out = tmp_path / "single_gpu_fallback" / "load_test.json"
     env = dict(os.environ, PYTHONPATH=str(repo_root))
     env.pop("MODEL_PATH", None)
@@ -313,3 +313,41 @@ def test_playbook_command_under_torchrun(tmp_path, repo_root):
     assert art.summary["tokens_per_joule"] is None and "tokens_per_joule" in art.unavailable
     assert "load test: VALID" in r.stdout
     assert "load test @ 3 QPS" in r.stderr  # the progress bar
+
+
+@pytest.mark.slow
+def test_notebook_04_runs_under_papermill(repo_root, tmp_path):
+    import papermill as pm
+
+    from lab.results import read_artifact
+
+    out = tmp_path / "report"
+    pm.execute_notebook(
+        str(repo_root / "notebooks" / "04_load_test.ipynb"),
+        str(tmp_path / "04_out.ipynb"),
+        parameters={
+            "output_dir": str(out),
+            "preset": "tiny",
+            "device": "cpu",
+            "duration": 3.0,
+            "target_qps": 5.0,
+            "prompt_len_min": 8,
+            "prompt_len_max": 16,
+            "max_dispatch_lag_ms": 1000.0,
+        },
+        kernel_name="python3",
+        cwd=str(repo_root),
+        progress_bar=False,
+    )
+    art = read_artifact(out / "load_test.json")
+    assert art.kind == "loadtest" and art.status == "ok" and art.summary["requests_sent"] > 0
+    assert (out / "load_test.requests.jsonl").exists()
+    nb = json.loads((tmp_path / "04_out.ipynb").read_text())
+    figures = [
+        o
+        for c in nb["cells"]
+        if c["cell_type"] == "code"
+        for o in c.get("outputs", [])
+        if "application/vnd.plotly.v1+json" in o.get("data", {})
+    ]
+    assert len(figures) == 4  # CDFs, timeline, TTFT vs prompt length, outcomes

@@ -86,14 +86,14 @@ def register(sub) -> None:
     a.add_argument(
         "--warmup-s",
         type=nonneg_float,
-        default=2.0,
-        help="first seconds excluded from the metrics (default 2)",
+        default=None,
+        help="first seconds excluded from the metrics (default: min(2, 10%% of --duration))",
     )
     a.add_argument(
         "--cooldown-s",
         type=nonneg_float,
-        default=2.0,
-        help="last seconds excluded from the metrics (default 2)",
+        default=None,
+        help="last seconds excluded from the metrics (default: min(2, 10%% of --duration))",
     )
     a.add_argument(
         "--drain-timeout-s",
@@ -110,8 +110,8 @@ def register(sub) -> None:
     a.add_argument(
         "--min-requests",
         type=nonneg_int,
-        default=10,
-        help="INVALID with fewer measured requests (default 10)",
+        default=5,
+        help="INVALID with fewer measured requests (default 5)",
     )
     s = p.add_argument_group("SLOs (failed requests count as violations; 0 = none)")
     s.add_argument(
@@ -185,7 +185,7 @@ def _tp(args, world: int) -> int:
 def run(args) -> int:
     from lab.errors import LabError
     from lab.loadtest.runner import LoadTestConfig
-    from lab.loadtest.session import build_engine, engine_info, run_loadtest
+    from lab.loadtest.session import run_in_process, run_loadtest
     from lab.loadtest.sweep import parse_sweep
 
     world, rank = check_world(args)
@@ -227,13 +227,13 @@ def run(args) -> int:
         cfg.prompt_len_min,
         cfg.prompt_len_max,
         cfg.max_new_tokens,
-        cfg.warmup_s,
-        cfg.cooldown_s,
+        *cfg.edges_s(),
         cfg.burst_cv,
     )
     params = {k: v for k, v in vars(args).items() if k != "func"}
     params["world_size"], params["rank"] = world, rank
-    engine = info = None
+    if sweep is not None and not cfg.slo().given():
+        raise LabError("--sweep needs at least one SLO: --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-ms")
     if args.endpoint:
         if rank != 0:
             return 0  # only rank 0 generates load; the endpoint serves every rank's model
@@ -251,67 +251,24 @@ def run(args) -> int:
         from lab.commands.serve import engine_config_from_args
 
         ecfg = engine_config_from_args(args, args.max_new_tokens, max_seq)
-        tp = _tp(args, world)
-        if tp > 1:
-            # The multi-GPU tier (lab.distributed): every rank holds a shard; rank 0 generates the load and
-            # schedules, the others run each step it broadcasts. Only rank 0 counts and records.
-            from lab.distributed import build_engine_tp, follow_engine
+        art = run_in_process(
+            cfg,
+            ecfg,
+            args.preset,
+            args.model_path,
+            args.device,
+            args.dtype,
+            sweep,
+            args.sweep_max_runs,
+            args.output_json,
+            params,
+            tensor_parallel_gpus=_tp(args, world),
+            dist_timeout_s=args.dist_timeout_s,
+            allow_smaller_world=args.allow_smaller_world,
+        )
+        if art is None:
+            return 0  # a follower rank of the multi-GPU tier: rank 0 reports
+    from lab.loadtest.session import describe
 
-            engine, prepared = build_engine_tp(
-                args.preset,
-                args.model_path,
-                args.device,
-                args.dtype,
-                args.seed,
-                ecfg,
-                tp,
-                args.dist_timeout_s,
-                args.allow_smaller_world,
-            )
-            if rank != 0:
-                follow_engine(engine)
-                return 0
-        else:
-            engine, prepared = build_engine(
-                args.preset, args.model_path, args.device, args.dtype, args.seed, ecfg
-            )
-        engine.start(warmup=True)
-        try:
-            if not engine.ready.wait(timeout=3600) or engine.crashed:
-                raise LabError(f"the engine failed to warm up: {engine.crashed}")
-            info = engine_info(engine, prepared)
-            if tp > 1:
-                from lab.distributed import current
-
-                info["tensor_parallel"] = current().describe()
-            art = run_loadtest(cfg, engine, sweep, args.sweep_max_runs, args.output_json, params, info)
-        finally:
-            engine.stop()
-    _print(art, args.output_json)
+    print(describe(art, args.output_json), flush=True)
     return 0 if art.verdict.get("valid") else 1
-
-
-def _print(art, path: str) -> None:
-    import sys
-
-    s = art.summary
-
-    def f(key: str, unit: str = "", nd: int = 1) -> str:
-        v = s.get(key)
-        return "n/a" if v is None else (f"{v:.{nd}f}{unit}" if isinstance(v, float) else f"{v}{unit}")
-
-    lines = [
-        f"load test: {'VALID' if art.verdict.get('valid') else 'INVALID'} -> {path}",
-        f"  requests: sent {f('requests_sent')} ok {f('requests_ok')} rejected {f('requests_rejected')} "
-        f"timed out {f('requests_timed_out')} errored {f('requests_errored')} cancelled {f('requests_cancelled')}",
-        f"  qps: target {f('target_qps', '', 2)} achieved {f('achieved_qps', '', 2)}; output {f('output_tokens_per_s', ' tok/s')}",
-        f"  ttft p50/p99 {f('ttft_ms_p50', ' ms')} / {f('ttft_ms_p99', ' ms')}; tpot p50/p99 {f('tpot_ms_p50', ' ms', 2)} / "
-        f"{f('tpot_ms_p99', ' ms', 2)}; e2e p50/p99 {f('e2e_ms_p50', ' ms')} / {f('e2e_ms_p99', ' ms')}",
-        f"  goodput {f('goodput_rps', ' req/s', 2)}, SLO attainment {f('slo_attainment', '', 3)}; dispatch lag p99 "
-        f"{f('dispatch_lag_ms_p99', ' ms', 3)}; tokens/J {f('tokens_per_joule', '', 2)}",
-    ]
-    if "max_qps_meeting_slo" in s:
-        lines.append(f"  sweep: max QPS meeting the SLOs = {f('max_qps_meeting_slo', '', 2)}")
-    for r in art.verdict.get("reasons", []):
-        lines.append(f"  INVALID: {r}")
-    print("\n".join(lines), file=sys.stdout, flush=True)

@@ -52,11 +52,11 @@ class LoadTestConfig:
     prompt_len_min: int = 32
     prompt_len_max: int = 64
     max_new_tokens: int = 4
-    warmup_s: float = 2.0
-    cooldown_s: float = 2.0
+    warmup_s: float | None = None  # None: min(2 s, 10 % of the duration)
+    cooldown_s: float | None = None  # None: min(2 s, 10 % of the duration)
     drain_timeout_s: float = 60.0
     max_dispatch_lag_ms: float = 5.0
-    min_requests: int = 10
+    min_requests: int = 5
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     slo_e2e_ms: float | None = 2500.0  # the playbook's P99 envelope (about 2.5 s)
@@ -67,6 +67,13 @@ class LoadTestConfig:
     request_timeout_s: float = 600.0
     progress: bool = True
     timeline_bin_s: float = 1.0
+
+    def edges_s(self) -> tuple[float, float]:
+        auto = min(2.0, 0.1 * self.duration_s)
+        return (
+            auto if self.warmup_s is None else self.warmup_s,
+            auto if self.cooldown_s is None else self.cooldown_s,
+        )
 
     def slo(self) -> SLO:
         return SLO(self.slo_ttft_ms, self.slo_tpot_ms, self.slo_e2e_ms, self.slo_attainment_target)
@@ -224,8 +231,7 @@ def run_once(
         cfg.prompt_len_min,
         cfg.prompt_len_max,
         cfg.max_new_tokens,
-        cfg.warmup_s,
-        cfg.cooldown_s,
+        *cfg.edges_s(),
         cfg.burst_cv,
         vocab_size,
     )
@@ -236,7 +242,7 @@ def run_once(
     switch = sys.getswitchinterval()
     sys.setswitchinterval(min(switch, 0.0002))
     try:
-        records, t0, depth = asyncio.run(_drive(schedule, target, cfg, tw))
+        records, t0, depth = _run_coro(lambda: _drive(schedule, target, cfg, tw))
     finally:
         sys.setswitchinterval(switch)
     metrics = compute(records, t0, window, qps, cfg.slo(), cfg.max_dispatch_lag_ms, cfg.min_requests)
@@ -260,6 +266,19 @@ def run_once(
         telemetry=tel,
         unavailable=unavailable,
     )
+
+
+def _run_coro(make):
+    """asyncio.run, also from a thread that already runs an event loop (Jupyter): then the generator
+    gets a fresh loop in its own thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="lab-loadgen") as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 def make_target(cfg: LoadTestConfig, engine=None):

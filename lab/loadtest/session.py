@@ -144,3 +144,95 @@ def run_loadtest(
         art.requests_file = req_file.name
         write_artifact(output_json, art)
     return art
+
+
+def run_in_process(
+    cfg: LoadTestConfig,
+    engine_config,
+    preset: str | None,
+    model_path: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    sweep: str | list[float] | None = None,
+    sweep_max_runs: int = 8,
+    output_json: str | Path | None = None,
+    params: dict[str, Any] | None = None,
+    tensor_parallel_gpus: int = 1,
+    dist_timeout_s: float | None = None,
+    allow_smaller_world: bool = False,
+) -> LoadTestArtifact | None:
+    """Build the engine (memory plan first), warm it up, run the test, stop the engine.
+
+    On the multi-GPU tier (tensor_parallel_gpus > 1, under torchrun; lab.distributed) every rank builds
+    its shard; rank 0 generates the load, schedules and records, the other ranks run each step it
+    broadcasts and return None. Tokens and requests are counted once, on rank 0."""
+    if tensor_parallel_gpus > 1:
+        from lab.distributed import build_engine_tp, follow_engine, is_rank0
+
+        engine, prepared = build_engine_tp(
+            preset,
+            model_path,
+            device,
+            dtype,
+            cfg.seed,
+            engine_config,
+            tensor_parallel_gpus,
+            dist_timeout_s,
+            allow_smaller_world,
+        )
+        if not is_rank0():
+            follow_engine(engine)
+            return None
+    else:
+        engine, prepared = build_engine(preset, model_path, device, dtype, cfg.seed, engine_config)
+    engine.start(warmup=True)
+    try:
+        if not engine.ready.wait(timeout=3600) or engine.crashed:
+            raise LabError(f"the engine failed to warm up: {engine.crashed}")
+        info = engine_info(engine, prepared)
+        if tensor_parallel_gpus > 1:
+            from lab.distributed import current
+
+            info["tensor_parallel"] = current().describe() if current() else None
+        return run_loadtest(cfg, engine, sweep, sweep_max_runs, output_json, params, info)
+    finally:
+        engine.stop()
+
+
+def describe(art: LoadTestArtifact, path: str | Path | None = None) -> str:
+    """A few human lines: verdict, accounting, rates, latency percentiles, goodput, energy."""
+    s = art.summary
+
+    def f(key: str, unit: str = "", nd: int = 1) -> str:
+        v = s.get(key)
+        return "n/a" if v is None else (f"{v:.{nd}f}{unit}" if isinstance(v, float) else f"{v}{unit}")
+
+    lines = [
+        f"load test: {'VALID' if art.verdict.get('valid') else 'INVALID'}" + (f" -> {path}" if path else ""),
+        f"  requests: sent {f('requests_sent')} ok {f('requests_ok')} rejected {f('requests_rejected')} "
+        f"timed out {f('requests_timed_out')} errored {f('requests_errored')} cancelled {f('requests_cancelled')}",
+        f"  qps: target {f('target_qps', '', 2)} achieved {f('achieved_qps', '', 2)}; "
+        f"output {f('output_tokens_per_s', ' tok/s')} (aggregate)",
+        f"  ttft p50/p99 {f('ttft_ms_p50', ' ms')} / {f('ttft_ms_p99', ' ms')}; tpot p50/p99 "
+        f"{f('tpot_ms_p50', ' ms', 2)} / {f('tpot_ms_p99', ' ms', 2)}; e2e p50/p99 {f('e2e_ms_p50', ' ms')} / "
+        f"{f('e2e_ms_p99', ' ms')} (n={f('e2e_ms_count')})",
+        f"  goodput {f('goodput_rps', ' req/s', 2)}, SLO attainment {f('slo_attainment', '', 3)}; dispatch lag p99 "
+        f"{f('dispatch_lag_ms_p99', ' ms', 3)}; tokens/J {f('tokens_per_joule', '', 2)}",
+    ]
+    if "max_qps_meeting_slo" in s:
+        lines.append(f"  sweep: max QPS meeting the SLOs = {f('max_qps_meeting_slo', '', 2)}")
+    lines.extend(f"  INVALID: {r}" for r in art.verdict.get("reasons", []))
+    return "\n".join(lines)
+
+
+def read_requests(path: str | Path) -> list[dict[str, Any]]:
+    """The per-request JSONL beside an artifact (one JSON object per line; no code is executed)."""
+    import json
+
+    p = Path(path)
+    try:
+        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise LabError(f"{p}: requests file not found; re-run the load test") from None
+    except json.JSONDecodeError as e:
+        raise LabError(f"{p}: corrupt line {e.lineno}; re-run the load test") from None
