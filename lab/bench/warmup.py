@@ -280,7 +280,6 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
 
     from lab.engine.generate import Generator, no_recompile
     from lab.results import finish, new_artifact
-    from lab.telemetry import Telemetry
 
     if prepared is None:
         prepared, cache_dir = prepare_warmup(cfg)
@@ -331,7 +330,10 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
         gen.generate(prompt, cfg.max_new_tokens)
 
     results = []
-    with no_recompile(), Telemetry(device) as tel:
+    from lab.distributed import tier_telemetry, world_size
+
+    # tier_telemetry: this GPU's Telemetry, or on rank 0 of a multi-GPU tier every rank's GPU summed.
+    with no_recompile(), tier_telemetry(device) as tel:
         for _ in range(cfg.iters):
             results.append(gen.generate(prompt, cfg.max_new_tokens))
     art.iterations = [iteration_record(i, r, cfg.batch_size) for i, r in enumerate(results)]
@@ -386,6 +388,11 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
 
     # Peak memory is read before the roofline probes allocate their buffers.
     art.roofline = roofline(prepared, gen.max_seq_len, cfg.batch_size, s, cfg.measure_roofline, un)
+    if world_size() > 1:  # tensor parallel: each step's bytes and FLOPs are spread over N GPUs
+        for key in ("mbu", "decode_mfu"):
+            if art.roofline.get(key) is not None:
+                art.roofline[key] /= world_size()
+        art.roofline["tensor_parallel_gpus"] = world_size()
     s["mbu"] = art.roofline.get("mbu")
     s["decode_mfu"] = art.roofline.get("decode_mfu")
     s["copy_bandwidth_gb_s"] = art.roofline.get("copy_bandwidth_gb_s")
