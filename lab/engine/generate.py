@@ -238,10 +238,13 @@ class Generator:
         )
 
     def warmup(self, batch_size: int, prompt_len: int, steps: int = 4) -> float:
-        """Compile and capture the shapes used later (3 untimed calls per CUDA-graph shape). Returns seconds."""
+        """Compile and capture the shapes used later: three untimed generate calls, so each CUDA-graph
+        shape is recorded and replayed before anything is timed. Returns seconds."""
         t0 = time.perf_counter()
         prompt = torch.zeros(batch_size, prompt_len, dtype=torch.long)
-        self.generate(prompt, max_new_tokens=max(steps, 4))
+        n = max(1, min(max(steps, 4), self.max_seq_len - prompt_len))
+        for _ in range(3):
+            self.generate(prompt, max_new_tokens=n)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
