@@ -32,20 +32,22 @@ def wait_all(reqs, timeout_s=30.0):
         time.sleep(0.005)
 
 
-def test_continuous_batching_matches_solo_generation(model):
-    """Requests joining a running batch at different times, with chunked prefill, produce exactly the
-    tokens each would get alone (greedy)."""
+@pytest.mark.parametrize("chunk,gap_s", [(8, 0.004), (128, 0.0)])
+def test_continuous_batching_matches_solo_generation(model, chunk, gap_s):
+    """Requests joining a running batch at different times, with chunked prefill (8) or several prompts
+    prefilled in one right-padded forward (128, all at once), produce exactly the tokens each would get
+    alone (greedy)."""
     from lab.engine.generate import Generator
 
     prompts = [list(range(3, 40)), [5, 6, 7], [9] * 21, list(range(100, 111))]
     gen = Generator(model, "eager", 1, 128)
     solo = [gen.generate(torch.tensor([p]), 12).tokens[0].tolist() for p in prompts]
-    eng = make(model, prefill_chunk_tokens=8)
+    eng = make(model, prefill_chunk_tokens=chunk)
     try:
         reqs = []
         for p in prompts:
             reqs.append(eng.submit(Request(p, 12)))
-            time.sleep(0.004)  # join mid-flight
+            time.sleep(gap_s)  # join mid-flight
         wait_all(reqs)
         for r, want in zip(reqs, solo):
             assert r.outcome == "ok" and r.finish_reason == "length"
@@ -177,7 +179,7 @@ def test_memory_guard_defers_admission_above_the_fraction(model, monkeypatch):
     projected use would cross the fraction, and allowed below it."""
     cfg = EngineConfig(max_batch_size=4, max_seq_len=128, max_gpu_memory_fraction=0.8)
     guard = _MemoryGuard(model, cfg, torch.device("cpu"))
-    assert guard.admit(100) and guard.not_applicable.startswith("not applicable on cpu")
+    assert guard.admit() and guard.not_applicable.startswith("not applicable on cpu")
     guard.cuda = True
     gb = 1e9
     used = {"total": 10 * gb, "others": 1 * gb, "reserved": 6 * gb, "allocated": 6 * gb}
@@ -188,9 +190,9 @@ def test_memory_guard_defers_admission_above_the_fraction(model, monkeypatch):
     )
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: used["reserved"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: used["allocated"])
-    assert guard.admit(64)  # 7 GB + a small prefill workspace < 8 GB
+    assert guard.admit()  # 7 GB + a small prefill workspace < 8 GB
     used["allocated"] = used["reserved"] = 7.9 * gb
-    assert not guard.admit(64)  # 8.9 GB > 8 GB
+    assert not guard.admit()  # 8.9 GB > 8 GB
     assert guard.deferrals == 1
     with pytest.raises(LabError, match="max-gpu-memory-fraction"):
         guard.check_startup()

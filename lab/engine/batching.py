@@ -381,14 +381,14 @@ class Engine:
         if self._long and free and now - self._last_long_release >= cfg.long_context_window_s:
             released = 0
             while self._long and free:
-                if not self.memory_guard.admit(self._long[0].prompt_len):
+                if not self.memory_guard.admit():
                     break
                 self._place(self._long.popleft(), free.pop(0), now)
                 released += 1
             if released:
                 self._last_long_release = now
         while self._waiting and free:
-            if not self.memory_guard.admit(self._waiting[0].prompt_len):
+            if not self.memory_guard.admit():
                 break
             self._place(self._waiting.popleft(), free.pop(0), now)
 
@@ -411,25 +411,47 @@ class Engine:
         budget = cfg.prefill_chunk_tokens
         first_tokens: list[tuple[Request, Any]] = []
         with self._cv:
-            work = []
+            # Chunks of several requests share one right-padded forward; its padded size (rows x the
+            # longest chunk) stays within the budget, so the workspace the memory guard plans for holds.
+            work: list[tuple[Request, int, int]] = []
+            width = 0
             for slot in list(self._prefilling):
-                if budget <= 0:
-                    break
                 req = self._slots[slot]
                 n = min(req.prompt_len - req._prefilled, budget)
+                w = max(width, n)
+                if work and (len(work) + 1) * w > budget:
+                    break
                 work.append((req, req._prefilled, n))
-                budget -= n
-        if self.tp_leader and work:
-            chunks = [[r._slot, start, r.prompt_ids[start : start + n]] for r, start, n in work]
-            self._send_plan({"op": "prefill", "chunks": chunks})
-        for req, start, n in work:
-            chunk = torch.tensor([req.prompt_ids[start : start + n]], dtype=torch.long, device=dev)
-            pos = torch.arange(start, start + n, device=dev)[None]
-            rows = torch.tensor([req._slot], device=dev)
-            logits = self.model(chunk, pos, rows, last_only=True)[:, -1]
-            req._prefilled = start + n
-            if req._prefilled == req.prompt_len:
-                first_tokens.append((req, _sample_rows(logits, [req.temperature])))
+                width = w
+        if work:
+            # One forward for every prefill chunk of this tick, right-padded to the longest. A pad writes
+            # the cache at positions the row has not reached yet: later chunks or decode steps overwrite
+            # them before any query can see them (the causal mask hides keys past the query position).
+            width = max(n for _, _, n in work)
+            last = cfg.max_seq_len - 1
+            toks = [req.prompt_ids[s : s + n] + [0] * (width - n) for req, s, n in work]
+            pos = [[min(s + j, last) for j in range(width)] for _, s, _ in work]
+            rows = [req._slot for req, _, _ in work]
+            logits_at = [n - 1 for _, _, n in work]
+            if self.tp_leader:  # the follower ranks run the very same forward (lab.distributed)
+                from lab.distributed import forward_plan
+
+                self._send_plan(forward_plan(toks, pos, rows, logits_at))
+            logits = self.model(
+                torch.tensor(toks, dtype=torch.long, device=dev),
+                torch.tensor(pos, dtype=torch.long, device=dev),
+                torch.tensor(rows, device=dev),
+                logits_at=torch.tensor(logits_at, device=dev),
+            )[:, 0]
+            done_rows = []
+            for i, (req, s, n) in enumerate(work):
+                req._prefilled = s + n
+                if req._prefilled == req.prompt_len:
+                    done_rows.append(i)
+            if done_rows:
+                reqs = [work[i][0] for i in done_rows]
+                sampled = _sample_rows(logits[done_rows], [r.temperature for r in reqs])
+                first_tokens.extend((r, sampled[j]) for j, r in enumerate(reqs))
         # Decode: every slot, fixed shape. A slot's throwaway write goes where it is harmless: an idle
         # slot at position 0, a slot mid-prefill at the next position its prefill will overwrite.
         decoding = [r for r in self._slots if r is not None and r._prefilled == r.prompt_len and r.tokens]
@@ -566,10 +588,11 @@ class _MemoryGuard:
         self.deferrals = 0
         self.not_applicable = None if self.cuda else f"not applicable on {device.type} (no GPU memory)"
 
-    def prefill_bytes(self, prompt_len: int) -> float:
+    def prefill_bytes(self) -> float:
+        """Workspace of the largest prefill forward a tick runs (`prefill_chunk_tokens` padded tokens)."""
         a, cfg = self.model.args, self.cfg
         per = self.model.output.weight.element_size()
-        t = min(prompt_len, cfg.prefill_chunk_tokens)
+        t = cfg.prefill_chunk_tokens
         proj = max(2 * a.ffn_dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim) + 2 * a.dim
         hidden = t * proj * per * 2
         scores = a.n_heads * t * cfg.max_seq_len * (per + 1)  # scores + the boolean mask
@@ -586,7 +609,7 @@ class _MemoryGuard:
     def check_startup(self) -> None:
         if not self.cuda:
             return
-        frac = self._projected_fraction(self.prefill_bytes(self.cfg.prefill_chunk_tokens))
+        frac = self._projected_fraction(self.prefill_bytes())
         if frac > self.cfg.max_gpu_memory_fraction:
             raise LabError(
                 f"weights + KV cache ({self.cfg.max_batch_size} slots x {self.cfg.max_seq_len} tokens) + one "
@@ -595,10 +618,10 @@ class _MemoryGuard:
                 "--prefill-chunk-tokens"
             )
 
-    def admit(self, prompt_len: int) -> bool:
+    def admit(self) -> bool:
         if not self.cuda:
             return True
-        if self._projected_fraction(self.prefill_bytes(prompt_len)) <= self.cfg.max_gpu_memory_fraction:
+        if self._projected_fraction(self.prefill_bytes()) <= self.cfg.max_gpu_memory_fraction:
             return True
         self.deferrals += 1
         return False

@@ -207,10 +207,16 @@ class Transformer(nn.Module):
         self.register_buffer("key_pos", torch.arange(max_seq_len, device=device), persistent=False)
 
     def forward(
-        self, tokens: Tensor, input_pos: Tensor, rows: Tensor | None = None, last_only: bool = False
+        self,
+        tokens: Tensor,
+        input_pos: Tensor,
+        rows: Tensor | None = None,
+        last_only: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """tokens, input_pos: [b, T]; rows: which cache rows the b sequences use (None: 0..b-1).
-        Returns logits [b, T, vocab] in float32 ([b, 1, vocab] with last_only, as prefill needs)."""
+        Returns logits [b, T, vocab] in float32 ([b, 1, vocab] with last_only, as prefill needs;
+        with logits_at [b], the logits of that position of each row: right-padded batched prefill)."""
         x = self.tok_embeddings(tokens)
         cos = self.rope_cos[input_pos].unsqueeze(2)  # [b, T, 1, D] broadcasts over heads
         sin = self.rope_sin[input_pos].unsqueeze(2)
@@ -218,7 +224,9 @@ class Transformer(nn.Module):
         mask = (self.key_pos[None, None, None, :] <= input_pos[:, None, :, None]).contiguous()
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, rows)
-        if last_only:
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
