@@ -30,6 +30,15 @@ DEFAULT_DIRS = (REPO_ROOT / "reports", REPO_ROOT / "reports" / "examples")
 KNOWN_FILES = {*STEP_FILES.values(), MANIFEST_FILE, EXPECTATIONS_FILE}
 STEP_KINDS = {"health": "health", "warmup": "warmup", "compare": "compare", "loadtest": "loadtest"}
 REQUEST_FILE_FIELDS = ("requests_file", "requests_path", "per_request_file", "requests_jsonl")
+# Modules whose `@register`ed models validate each kind strictly (else the base Artifact checks the envelope).
+ARTIFACT_MODULES = (
+    "lab.health.report",
+    "lab.bench.warmup",
+    "lab.bench.compare",
+    "lab.loadtest.runner",
+    "lab.drill",
+    "lab.expectations",
+)
 OUTCOMES = ("ok", "rejected_queue_full", "timed_out_in_queue", "error", "cancelled")
 
 # Direction of "better" for metrics without an expectation entry saying so.
@@ -235,6 +244,7 @@ def load_run(run_dir: Path, source: str, run_id: str | None = None) -> Run:
 
 
 def load_reports(dirs: Sequence[Path]) -> Reports:
+    model_notes = register_artifact_models()
     found, notes = discover(dirs)
     runs = [load_run(path, src) for path, src in found]
     counts: dict[str, int] = {}
@@ -245,7 +255,7 @@ def load_reports(dirs: Sequence[Path]) -> Reports:
             r.run_id = f"{Path(r.source).name}/{r.run_id}"
     oldest = datetime.min.replace(tzinfo=timezone.utc)
     runs.sort(key=lambda r: (r.started_at or oldest, r.run_id))
-    return Reports(dirs=[str(d) for d in dirs], runs=runs, notes=notes)
+    return Reports(dirs=[str(d) for d in dirs], runs=runs, notes=notes + model_notes)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -294,22 +304,33 @@ def _num(v: Any) -> float | None:
 
 
 def request_rows(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per request with derived latencies (ms, from the *scheduled* time, MEASUREMENT.md)."""
+    """One row per request. Latencies are of completed requests, from the *scheduled* time
+    (MEASUREMENT.md): the writer's own derived values when the record carries them."""
     rows = []
     for r in records:
         ts, tf, td = _num(r.get("t_scheduled")), _num(r.get("t_first_token")), _num(r.get("t_done"))
         ta, tsent = _num(r.get("t_admitted")), _num(r.get("t_sent"))
         n = r.get("output_tokens")
         n = int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
-        ttft = (tf - ts) * 1e3 if ts is not None and tf is not None else None
-        e2e = (td - ts) * 1e3 if ts is not None and td is not None else None
+        outcome = str(r.get("outcome", "unknown"))
+        ok = outcome == "ok"
+        ttft = (tf - ts) * 1e3 if ok and ts is not None and tf is not None else None
+        e2e = (td - ts) * 1e3 if ok and ts is not None and td is not None else None
         tpot = (e2e - ttft) / (n - 1) if ttft is not None and e2e is not None and n and n > 1 else None
+        if "ttft_ms" in r:
+            ttft = _num(r["ttft_ms"])
+        if "e2e_ms" in r:
+            e2e = _num(r["e2e_ms"])
+        if "tpot_ms" in r:
+            tpot = _num(r["tpot_ms"])
+        times = r.get("token_times")
         rows.append(
             {
-                "id": r.get("id", r.get("request_id")),
-                "outcome": str(r.get("outcome", "unknown")),
-                "t_scheduled_s": ts,
-                "t_done_s": td,
+                "id": r.get("index", r.get("id", r.get("request_id"))),
+                "run": r.get("run"),
+                "phase": r.get("phase", "measure"),
+                "outcome": outcome,
+                "reason": r.get("reason"),
                 "prompt_tokens": r.get("prompt_tokens"),
                 "output_tokens": n,
                 "ttft_ms": ttft,
@@ -317,16 +338,21 @@ def request_rows(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "e2e_ms": e2e,
                 "queue_wait_ms": (ta - ts) * 1e3 if ta is not None and ts is not None else None,
                 "dispatch_lag_ms": (tsent - ts) * 1e3 if tsent is not None and ts is not None else None,
+                "t_scheduled_s": ts,
                 "t_admitted_s": ta,
                 "t_first_token_s": tf,
-                "token_times_s": r.get("token_times") if isinstance(r.get("token_times"), list) else None,
+                "t_done_s": td,
+                "token_times_s": [t for t in times if isinstance(t, (int, float))]
+                if isinstance(times, list)
+                else None,
             }
         )
     cols = [
         "id",
+        "run",
+        "phase",
         "outcome",
-        "t_scheduled_s",
-        "t_done_s",
+        "reason",
         "prompt_tokens",
         "output_tokens",
         "ttft_ms",
@@ -334,11 +360,16 @@ def request_rows(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
         "e2e_ms",
         "queue_wait_ms",
         "dispatch_lag_ms",
+        "t_scheduled_s",
         "t_admitted_s",
         "t_first_token_s",
+        "t_done_s",
         "token_times_s",
     ]
-    return pd.DataFrame(rows, columns=cols)
+    df = pd.DataFrame(rows, columns=cols)
+    for c in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_wait_ms", "dispatch_lag_ms"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
 
 
 def read_requests(path: Path) -> tuple[pd.DataFrame, list[FileWarning]]:
@@ -383,43 +414,56 @@ def get_requests(run: Run, filename: str) -> tuple[pd.DataFrame | None, list[Fil
     return _cached_requests(str(path), s.st_mtime_ns, s.st_size)
 
 
-def time_series(df: pd.DataFrame, bin_s: float = 1.0) -> pd.DataFrame:
-    """Per time bin (from the first scheduled arrival): arrivals/s, completions/s, queue depth at the
-    bin's start, output tokens/s. Queue depth counts requests scheduled but not yet admitted (or done)."""
+def time_series(
+    df: pd.DataFrame, timeline: Sequence[dict[str, Any]] | None = None, bin_s: float = 1.0
+) -> pd.DataFrame:
+    """Per time bin from the run's start (t = 0): arrivals/s, completions/s, queue depth, output
+    tokens/s. The artifact's own timeline (the engine's sampled queue) is used where it has a column;
+    the rest is binned from the per-request records (queue depth there: scheduled, not yet admitted)."""
     cols = ["t_s", "arrivals_per_s", "completions_per_s", "queue_depth", "output_tokens_per_s"]
     sched = df["t_scheduled_s"].dropna()
-    if sched.empty:
+    tl = [b for b in timeline or [] if isinstance(b, dict) and _num(b.get("t_s")) is not None]
+    ends = [float(x) for x in (df["t_done_s"].max(), sched.max()) if pd.notna(x)]
+    ends += [_num(b["t_s"]) + bin_s for b in tl]
+    if not ends:
         return pd.DataFrame(columns=cols)
-    t0 = float(sched.min())
-    ends = [x for x in (df["t_done_s"].max(), sched.max()) if pd.notna(x)]
-    n_bins = max(1, int(math.ceil((max(ends) - t0) / bin_s)) + 1)
-    edges = [t0 + i * bin_s for i in range(n_bins + 1)]
+    n_bins = max(1, int(math.ceil(max(ends) / bin_s)))
+    edges = [i * bin_s for i in range(n_bins)]
 
-    def counts(values: Iterable[float]) -> list[int]:
-        out = [0] * n_bins
+    def counts(values: Iterable[Any]) -> list[float]:
+        out = [0.0] * n_bins
         for v in values:
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+            x = _num(v)
+            if x is None:
                 continue
-            i = int((v - t0) // bin_s)
+            i = int(x // bin_s)
             if 0 <= i < n_bins:
                 out[i] += 1
-        return out
+        return [c / bin_s for c in out]
 
     arrivals = counts(sched)
-    completions = counts(df.loc[df["outcome"] == "ok", "t_done_s"].dropna())
-    token_times = [t for tt in df["token_times_s"].dropna() for t in tt if isinstance(t, (int, float))]
-    tokens = counts(token_times)
+    completions = counts(df.loc[df["outcome"] == "ok", "t_done_s"])
+    tokens = counts(t for tt in df["token_times_s"].dropna() for t in tt)
     left = df["t_admitted_s"].where(df["t_admitted_s"].notna(), df["t_done_s"])
-    queue = []
-    for e in edges[:-1]:
-        queue.append(int(((df["t_scheduled_s"] <= e) & ~(left <= e)).sum()))
+    queue = [float(((df["t_scheduled_s"] <= e) & ~(left <= e)).sum()) for e in edges]
+    by_bin = {int(_num(b["t_s"]) // bin_s): b for b in tl}
+    for i in range(n_bins):
+        b = by_bin.get(i)
+        if b is None:
+            continue
+        if _num(b.get("completed_ok")) is not None:
+            completions[i] = _num(b["completed_ok"]) / bin_s
+        if _num(b.get("output_tokens_per_s")) is not None:
+            tokens[i] = _num(b["output_tokens_per_s"])
+        if _num(b.get("waiting_max")) is not None:
+            queue[i] = _num(b["waiting_max"])
     return pd.DataFrame(
         {
-            "t_s": [e - t0 for e in edges[:-1]],
-            "arrivals_per_s": [c / bin_s for c in arrivals],
-            "completions_per_s": [c / bin_s for c in completions],
+            "t_s": edges,
+            "arrivals_per_s": arrivals,
+            "completions_per_s": completions,
             "queue_depth": queue,
-            "output_tokens_per_s": [c / bin_s for c in tokens],
+            "output_tokens_per_s": tokens,
         },
         columns=cols,
     )
@@ -457,11 +501,14 @@ def steps_frame(run: Run) -> pd.DataFrame:
     if manifest:
         for s in _manifest_steps(manifest):
             err = s.get("error") or s.get("reason")
+            cell = s.get("failing_cell")
+            if isinstance(cell, dict) and cell.get("error"):
+                err = f"cell {cell.get('index')}: {cell.get('error')}"
             if isinstance(err, dict):
                 err = "; ".join(f"{k}: {v}" for k, v in err.items())
             rows.append(
                 {
-                    "step": s.get("name") or s.get("step"),
+                    "step": s.get("step") or s.get("name"),
                     "status": s.get("status", "unknown"),
                     "duration_s": _num(s.get("duration_s")),
                     "artifact": s.get("artifact"),
@@ -489,9 +536,28 @@ def _duration_s(a: dict[str, Any]) -> float | None:
     return (t1 - t0).total_seconds() if t0 and t1 else None
 
 
-def expectations_frame(run: Run) -> pd.DataFrame:
-    cols = ["metric", "step", "measured", "expected", "direction", "tolerance", "verdict", "alert_threshold"]
-    exp = run.expectations
+def expectations_frame(run: Run | None = None, exp: dict[str, Any] | None = None) -> pd.DataFrame:
+    """One row per metric of an expectations evaluation: measured vs expected, verdict, pass band
+    (warn_low..warn_high: inside it the metric passes), fail band and the derived alert thresholds."""
+    cols = [
+        "metric",
+        "step",
+        "measured",
+        "expected",
+        "unit",
+        "verdict",
+        "direction",
+        "warn_low",
+        "warn_high",
+        "fail_low",
+        "fail_high",
+        "alert_above",
+        "alert_below",
+        "required",
+        "source",
+        "detail",
+    ]
+    exp = exp if exp is not None else (run.expectations if run is not None else None)
     if not exp:
         return pd.DataFrame(columns=cols)
     raw = exp.get("metrics") or exp.get("results") or []
@@ -501,27 +567,45 @@ def expectations_frame(run: Run) -> pd.DataFrame:
     for m in raw:
         if not isinstance(m, dict):
             continue
+        name = str(m.get("metric") or m.get("name") or "")
+        source = m.get("source")
+        d = m.get("direction") or direction(name)
+        expected = _num(m.get("expected"))
+        wl, wh = _bounds(m.get("warn_bounds"))
+        fl, fh = _bounds(m.get("fail_bounds"))
+        tol = _num(m.get("tolerance"))
+        if wl is None and wh is None and tol is not None and expected is not None:  # relative tolerance only
+            wl, wh = (expected * (1 - tol), None) if d == "higher" else (None, expected * (1 + tol))
         rows.append(
             {
-                "metric": m.get("metric") or m.get("name"),
-                "step": m.get("step"),
+                "metric": name,
+                "step": m.get("step") or (str(source).split(".", 1)[0] if source else None),
                 "measured": _num(m.get("measured")),
-                "expected": _num(m.get("expected")),
-                "direction": m.get("direction") or direction(str(m.get("metric") or m.get("name") or "")),
-                "tolerance": _num(m.get("tolerance")),
+                "expected": expected,
+                "unit": m.get("unit"),
                 "verdict": str(m.get("verdict") or m.get("status") or "unknown"),
-                "alert_threshold": _num(m.get("alert_threshold", m.get("threshold"))),
+                "direction": d,
+                "warn_low": wl,
+                "warn_high": wh,
+                "fail_low": fl,
+                "fail_high": fh,
+                "alert_above": _num(m.get("alert_above", m.get("alert_threshold"))),
+                "alert_below": _num(m.get("alert_below")),
+                "required": bool(m.get("required", False)),
+                "source": source,
+                "detail": m.get("detail"),
             }
         )
     return pd.DataFrame(rows, columns=cols)
 
 
-def go_no_go(run: Run) -> tuple[str, list[str]]:
-    """GO when every drill step succeeded and no metric failed its expectation; NO-GO otherwise.
-    UNKNOWN when the run says too little to decide."""
+def go_no_go(run: Run, exp: pd.DataFrame | None = None) -> tuple[str, list[str]]:
+    """GO when every drill step succeeded, every file was readable, and no metric failed its
+    expectation (nor a required one went unmeasured); NO-GO otherwise. UNKNOWN when the run says too
+    little to decide."""
     reasons: list[str] = []
     steps = steps_frame(run)
-    exp = expectations_frame(run)
+    exp = expectations_frame(run) if exp is None else exp
     if steps.empty and exp.empty:
         return "UNKNOWN", ["no manifest, step artifacts or expectations in this run"]
     for _, s in steps.iterrows():
@@ -532,6 +616,8 @@ def go_no_go(run: Run) -> tuple[str, list[str]]:
             reasons.append(
                 f"{m['metric']} = {_fmt(m['measured'])} misses its expectation {_fmt(m['expected'])}"
             )
+        elif m["verdict"] == "missing" and m["required"]:
+            reasons.append(f"{m['metric']} is required but was not measured")
     for w in run.warnings:
         reasons.append(f"unreadable: {Path(w.path).name}")
     if reasons:
@@ -578,19 +664,13 @@ def history_frame(runs: Sequence[Run]) -> pd.DataFrame:
     ]
     rows = []
     for run in runs:
-        exp = {(e["step"], e["metric"]): e for e in expectations_frame(run).to_dict("records")}
-        exp_by_metric = {e["metric"]: e for e in exp.values()}
+        exp: dict[tuple[str, str], dict[str, Any]] = {}
+        for e in expectations_frame(run).to_dict("records"):
+            for src in e["source"] if isinstance(e["source"], list) else [e["source"]]:
+                if isinstance(src, str) and src.count(".") == 1:
+                    exp.setdefault(tuple(src.split(".")), e)  # type: ignore[arg-type]
         for r in summary_rows(run):
-            e = exp.get((r["step"], r["metric"])) or exp_by_metric.get(r["metric"])
-            low = high = None
-            if e and e["expected"] is not None:
-                tol = e["tolerance"] or 0.0
-                if e["direction"] == "higher":
-                    low = e["expected"] * (1 - tol)
-                elif e["direction"] == "lower":
-                    high = e["expected"] * (1 + tol)
-                else:
-                    low, high = e["expected"] * (1 - tol), e["expected"] * (1 + tol)
+            e = exp.get((r["step"], r["metric"]))
             rows.append(
                 {
                     "run_id": run.run_id,
@@ -600,13 +680,16 @@ def history_frame(runs: Sequence[Run]) -> pd.DataFrame:
                     "metric": r["metric"],
                     "value": r["value"],
                     "expected": e["expected"] if e else None,
-                    "band_low": low,
-                    "band_high": high,
+                    "band_low": e["warn_low"] if e else None,
+                    "band_high": e["warn_high"] if e else None,
                     "verdict": e["verdict"] if e else None,
                     "direction": (e["direction"] if e else None) or direction(r["metric"]),
                 }
             )
-    return pd.DataFrame(rows, columns=cols)
+    df = pd.DataFrame(rows, columns=cols)
+    for c in ("value", "expected", "band_low", "band_high"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
 
 
 def flag_regressions(history: pd.DataFrame, tolerance: float = 0.10) -> pd.DataFrame:
@@ -676,14 +759,22 @@ def to_csv_bytes(df: pd.DataFrame) -> bytes:
 
 
 def slo_ms(artifact: dict[str, Any]) -> dict[str, float]:
-    """The load test's SLO limits in ms, keyed ttft/tpot/e2e: from its `slo` block or its params."""
-    block = artifact.get("slo") if isinstance(artifact.get("slo"), dict) else {}
+    """The load test's SLO limits in ms, keyed ttft/tpot/e2e: its `slo` block, else its parameters."""
+    blocks = [
+        artifact.get("slo"),
+        (artifact.get("sweep") or {}).get("slo") if isinstance(artifact.get("sweep"), dict) else None,
+    ]
     params = artifact.get("params") or {}
+    config = params.get("config") if isinstance(params.get("config"), dict) else {}
     out: dict[str, float] = {}
     for m in ("ttft", "tpot", "e2e"):
-        v = _num(block.get(f"{m}_ms", block.get(m)))
-        if v is None:
-            v = _num(params.get(f"slo_{m}_ms"))
+        v = None
+        for b in blocks:
+            if isinstance(b, dict) and v is None:
+                v = _num(b.get(f"{m}_ms", b.get(m)))
+        for src in (params, config):
+            if v is None:
+                v = _num(src.get(f"slo_{m}_ms"))
         if v is not None and v > 0:
             out[m] = v
     return out
@@ -692,10 +783,13 @@ def slo_ms(artifact: dict[str, Any]) -> dict[str, float]:
 def tensor_parallel_gpus(artifact: dict[str, Any]) -> int:
     """GPUs one replica of this artifact's tier used (tensor-parallel world size), 1 when unstated."""
     params = artifact.get("params") or {}
-    for key in ("tensor_parallel_gpus", "world_size", "tp"):
-        v = _num(params.get(key))
-        if v is not None and v >= 1:
-            return int(v)
+    config = params.get("config") if isinstance(params.get("config"), dict) else {}
+    engine = artifact.get("engine") if isinstance(artifact.get("engine"), dict) else {}
+    for src in (params, config, engine):
+        for key in ("tensor_parallel_gpus", "world_size", "tp"):
+            v = _num(src.get(key))
+            if v is not None and v >= 1:
+                return int(v)
     return 1
 
 
@@ -708,3 +802,104 @@ def telemetry_samples(artifact: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(artifact.get(key), list):
             return artifact[key]
     return []
+
+
+def register_artifact_models() -> list[str]:
+    """Import the modules that register each step's artifact model (so each kind validates strictly);
+    an absent module is fine (its kind is checked as a plain Artifact), a broken one is reported."""
+    import importlib
+    import importlib.util
+
+    notes = []
+    for name in ARTIFACT_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                continue
+            importlib.import_module(name)
+        except Exception as e:  # a broken writer module must not take the dashboard down
+            notes.append(
+                f"{name} could not be imported ({type(e).__name__}: {e}); its artifacts are checked loosely"
+            )
+    return notes
+
+
+def _bounds(v: Any) -> tuple[float | None, float | None]:
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return _num(v[0]), _num(v[1])
+    return None, None
+
+
+def slo_attainment_target(artifact: dict[str, Any], default: float = 0.99) -> float:
+    for b in (
+        artifact.get("slo"),
+        (artifact.get("sweep") or {}).get("slo") if isinstance(artifact.get("sweep"), dict) else None,
+    ):
+        if isinstance(b, dict) and _num(b.get("attainment_target")) is not None:
+            return float(_num(b["attainment_target"]))
+    return default
+
+
+def sweep_curve(artifact: dict[str, Any]) -> list[dict[str, Any]]:
+    """The load test's latency-vs-throughput curve: `sweep.curve` (or a bare list), by offered QPS."""
+    sw = artifact.get("sweep")
+    raw = sw.get("curve") if isinstance(sw, dict) else sw
+    pts = [
+        p
+        for p in raw or []
+        if isinstance(p, dict) and _num(p.get("target_qps", p.get("offered_qps"))) is not None
+    ]
+    return sorted(pts, key=lambda p: _num(p.get("target_qps", p.get("offered_qps"))) or 0.0)
+
+
+def chosen_run_tag(artifact: dict[str, Any]) -> str | None:
+    """Which run of a sweep the summary describes, as tagged in the per-request file ("qps=3")."""
+    if not sweep_curve(artifact):
+        return None
+    q = _num((artifact.get("summary") or {}).get("target_qps"))
+    return f"qps={q:g}" if q is not None else None
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def evaluate_profile(run_path: str, profile: str, sig: tuple) -> tuple[dict[str, Any] | None, str | None]:
+    """Evaluate a run against another capacity-expectation profile (read-only; `sig` keys the cache)."""
+    try:
+        from lab.expectations import evaluate, load_profile
+
+        return evaluate(run_path, load_profile(profile)).model_dump(mode="json"), None
+    except Exception as e:  # a bad profile or an unreadable report is a message, not a traceback
+        return None, f"{type(e).__name__}: {e}"
+
+
+def profiles() -> list[str]:
+    try:
+        from lab.expectations import list_profiles
+
+        return list(list_profiles())
+    except Exception:
+        return []
+
+
+def run_group(run: Run) -> str:
+    """Which runs are comparable: the expectation profile (or preset) and the card they ran on."""
+    profile = None
+    for a in (run.manifest, run.expectations):
+        if a and not profile:
+            profile = a.get("profile") or (a.get("params") or {}).get("profile")
+    if not profile:
+        for kind in STEP_KINDS.values():
+            a = run.step(kind)
+            params = (a or {}).get("params") or {}
+            profile = (
+                params.get("preset") or (params.get("config") or {}).get("preset")
+                if isinstance(params, dict)
+                else None
+            )
+            if profile:
+                break
+    card = "cpu"
+    for a in run.artifacts.values():
+        gpus = (a.get("environment") or {}).get("gpus") or []
+        if gpus:
+            card = str(gpus[0].get("name"))
+            break
+    return f"{profile or 'unknown profile'} · {card}"

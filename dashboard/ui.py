@@ -44,13 +44,16 @@ def sidebar(reports: data.Reports) -> data.Run | None:
             return None
         ids = [r.run_id for r in reversed(reports.runs)]  # newest first
         if st.session_state.get(RUN_KEY) not in ids:
-            st.session_state[RUN_KEY] = ids[0]
+            wanted = st.query_params.get("run")  # a shared link: ?run=<run-id>
+            st.session_state[RUN_KEY] = wanted if wanted in ids else ids[0]
         run_id = st.selectbox(
             "Drill run",
             ids,
             key=RUN_KEY,
             format_func=lambda i: i + ("  (latest)" if i == ids[0] else ""),
         )
+        if st.query_params.get("run") != run_id:
+            st.query_params["run"] = run_id  # the address bar names the run, so a link reopens it
         run = reports.get(run_id)
         if run is not None:
             st.caption(f"{len(run.artifacts)} artifact(s) in `{run.path}`")

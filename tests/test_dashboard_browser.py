@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "reports"
 CHROMIUM = "/usr/bin/chromium"
+LATEST = "20261126T020000Z-fixture-host"  # the synthetic GPU-like drill: every figure has data
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -117,16 +118,17 @@ def test_every_page_in_a_real_browser(server) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 2600})
             for path, title in PAGES:
-                page.goto(f"{url}/{path}", wait_until="domcontentloaded")
+                page.goto(f"{url}/{path}?run={LATEST}", wait_until="domcontentloaded")
                 page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=30_000)
                 # wait for the script run to finish (the status widget shows while it runs)
                 page.wait_for_function(
                     "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=30_000
                 )
-                if path in ("", "health", "warmup", "compare", "loadtest", "history"):
+                if path != "capacity":  # every other page draws figures for this run
                     page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+                assert page.get_by_text(f"run {LATEST}").count() or path == "history"
                 page.screenshot(path=str(shots / f"{path or 'overview'}.png"), full_page=True)
                 assert page.locator('[data-testid="stException"]').count() == 0, f"traceback on /{path}"
                 errors = page.locator('[data-testid="stAlertContentError"]').all_inner_texts()

@@ -25,16 +25,21 @@ num = data._num
 
 
 def measure_tier(
-    run: data.Run, name: str, lt: dict[str, Any], min_attainment: float
+    run: data.Run, name: str, lt: dict[str, Any], min_attainment: float | None
 ) -> tuple[TierMeasurement | None, list[dict[str, Any]], str | None]:
     """The tier's measured figures from a load-test artifact: the sweep's knee, else its one load."""
     slo = data.slo_ms(lt)
     s = lt.get("summary") or {}
-    raw = [p for p in lt.get("sweep") or lt.get("curve") or [] if isinstance(p, dict)]
+    target = data.slo_attainment_target(lt) if min_attainment is None else min_attainment
+    raw = data.sweep_curve(lt)
     basis = "sweep knee"
     if not raw:
         raw, basis = [s], "the run's single offered load (no sweep)"
-    points = [p for p in (sweep_point(r, slo, min_attainment) for r in raw) if p]
+    if (
+        min_attainment is not None
+    ):  # the planner's own bar: judge each load by its attainment, not the run's verdict
+        raw = [{k: v for k, v in r.items() if k not in ("meets_slo", "slo_met")} for r in raw]
+    points = [p for p in (sweep_point(r, slo, target) for r in raw) if p]
     knee = find_knee(points)
     tp = data.tensor_parallel_gpus(lt)
     tier_name = "single-GPU fallback" if tp == 1 else f"{tp}-GPU tensor parallel"
@@ -51,14 +56,15 @@ def measure_tier(
         return None, [], str(e)
     p = knee.point
     assert p is not None  # tier_from_knee raised otherwise
-    from_point = f"{basis} at {p.offered_qps:g} QPS offered"
+    at = f"{basis} at {p.offered_qps:g} QPS offered"
+    summary_at = f"run summary at {ui.fmt(s.get('target_qps'))} QPS"
     rows = [
-        {"figure": "capacity (requests/s within the SLO)", "value": tier.capacity_qps, "from": from_point},
-        {"figure": "GPUs per replica", "value": tp, "from": "params.tensor_parallel_gpus"},
+        {"figure": "capacity (requests/s within the SLO)", "value": tier.capacity_qps, "from": at},
+        {"figure": "GPUs per replica", "value": tp, "from": "tensor-parallel world of the run"},
         {
             "figure": "output tokens/s",
             "value": tier.output_tokens_per_s,
-            "from": from_point if p.output_tokens_per_s is not None else "run summary",
+            "from": at if p.output_tokens_per_s is not None else summary_at,
         },
         {
             "figure": "tokens per request",
@@ -68,19 +74,24 @@ def measure_tier(
         {
             "figure": "tokens/joule",
             "value": tier.tokens_per_joule,
-            "from": from_point if p.tokens_per_joule is not None else "run summary",
+            "from": at if p.tokens_per_joule is not None else summary_at,
         },
         {
             "figure": "power per replica (W)",
             "value": tier.replica_power_w,
-            "from": from_point
+            "from": at
             if p.power_w_mean is not None
-            else ("run summary" if tier.power_w is not None else "tokens/s ÷ tokens/joule"),
+            else (summary_at if tier.power_w is not None else "tokens/s ÷ tokens/joule"),
         },
         {
             "figure": "SLO",
             "value": None,
-            "from": ", ".join(f"{k} ≤ {v:g} ms" for k, v in slo.items()) or "explicit meets_slo / attainment",
+            "from": (
+                "each request " + ", ".join(f"{k} ≤ {v:g} ms" for k, v in slo.items())
+                if slo
+                else "the sweep's meets_slo"
+            )
+            + f"; {target:.0%} of requests",
         },
     ]
     return tier, rows, None
@@ -133,10 +144,11 @@ def render() -> None:
             "SLO attainment a load must reach",
             min_value=0.5,
             max_value=1.0,
-            value=0.99,
+            value=None,
             step=0.01,
             key="cap-attainment",
-            help="Used for sweep points that do not say meets_slo themselves",
+            placeholder="the run's own target",
+            help="Empty: each run's own attainment target decides which swept loads met the SLO",
         )
 
     singles = [(n, a) for n, a in tests if data.tensor_parallel_gpus(a) == 1]
@@ -151,7 +163,7 @@ def render() -> None:
             )
             continue
         name, lt = group[0]
-        tier, rows, err = measure_tier(run, name, lt, float(min_att))
+        tier, rows, err = measure_tier(run, name, lt, None if min_att is None else float(min_att))
         if tier is None:
             st.warning(err)
             continue

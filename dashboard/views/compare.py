@@ -18,31 +18,60 @@ COLS = [
     "reason",
     "speedup_vs_eager",
     "decode_ms_per_token_p50",
+    "decode_ms_per_token_p99",
     "decode_tokens_per_s",
     "ttft_ms_p50",
     "peak_memory_gb",
     "compile_s",
+    "cache_state",
     "max_logit_diff",
     "greedy_agreement",
+    "forced_argmax_agreement",
+    "correct",
 ]
+
+
+def _p(v: Any, q: str) -> float | None:
+    """A percentile from a summarize() dict, or the number itself."""
+    return num(v.get(q)) if isinstance(v, dict) else num(v)
 
 
 def methods_frame(compare: dict[str, Any]) -> pd.DataFrame:
     raw = compare.get("methods") or compare.get("results") or []
     if isinstance(raw, dict):
-        raw = [{"method": k, **v} for k, v in raw.items() if isinstance(v, dict)]
+        raw = [{"name": k, **v} for k, v in raw.items() if isinstance(v, dict)]
     rows = []
     for m in raw:
         if not isinstance(m, dict):
             continue
-        row = {c: m.get(c) for c in COLS}
-        row["method"] = m.get("method") or m.get("name")
-        row["status"] = m.get("status", "ok")
-        corr = m.get("correctness") if isinstance(m.get("correctness"), dict) else {}
-        for k in ("max_logit_diff", "greedy_agreement"):
-            if row[k] is None:
-                row[k] = corr.get(k)
-        rows.append(row)
+        dec = m.get("decode_ms_per_token", m.get("decode_ms_per_token_p50"))
+        ttft = m.get("ttft_ms", m.get("ttft_ms_p50"))
+        rows.append(
+            {
+                "method": m.get("name") or m.get("method"),
+                "status": m.get("status", "ok"),
+                "reason": m.get("reason"),
+                "speedup_vs_eager": num(m.get("speedup_vs_eager")),
+                "decode_ms_per_token_p50": _p(dec, "p50"),
+                "decode_ms_per_token_p99": _p(dec, "p99")
+                if isinstance(dec, dict)
+                else num(m.get("decode_ms_per_token_p99")),
+                "decode_tokens_per_s": num(
+                    m.get(
+                        "decode_tokens_per_s_aggregate",
+                        m.get("decode_tokens_per_s", m.get("decode_tokens_per_s_per_user")),
+                    )
+                ),
+                "ttft_ms_p50": _p(ttft, "p50"),
+                "peak_memory_gb": num(m.get("peak_memory_gb")),
+                "compile_s": num(m.get("compile_s")),
+                "cache_state": m.get("cache_state"),
+                "max_logit_diff": num(m.get("max_logit_diff")),
+                "greedy_agreement": num(m.get("greedy_token_agreement", m.get("greedy_agreement"))),
+                "forced_argmax_agreement": num(m.get("forced_argmax_agreement")),
+                "correct": m.get("correct"),
+            }
+        )
     df = pd.DataFrame(rows, columns=COLS)
     # speedup normalised to eager = 1x when the artifact did not say it
     eager = df[(df["method"] == "eager") & (df["status"] == "ok")]
@@ -51,6 +80,7 @@ def methods_frame(compare: dict[str, Any]) -> pd.DataFrame:
         if base:
             fill = df["decode_ms_per_token_p50"].map(lambda v: base / v if num(v) else None)
             df["speedup_vs_eager"] = df["speedup_vs_eager"].where(df["speedup_vs_eager"].notna(), fill)
+    df["speedup_vs_eager"] = pd.to_numeric(df["speedup_vs_eager"], errors="coerce")
     return df
 
 
@@ -108,7 +138,9 @@ def render() -> None:
         if ok["peak_memory_gb"].notna().any():
             st.plotly_chart(memory_figure(ok), key="compare-memory")
     st.subheader("Correctness against eager")
-    corr = df[["method", "status", "max_logit_diff", "greedy_agreement"]]
+    corr = df[
+        ["method", "status", "correct", "max_logit_diff", "greedy_agreement", "forced_argmax_agreement"]
+    ]
     st.dataframe(corr, hide_index=True)
     bad = df[
         (df["status"] == "ok") & (df["greedy_agreement"].map(lambda v: num(v) is not None and num(v) < 1.0))

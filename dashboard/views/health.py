@@ -1,7 +1,9 @@
 """Health: what state are the GPUs in? Per-GPU inventory, NVLink active links against the threshold,
-NCCL environment findings with their fix, ECC and clock events."""
+NCCL environment findings with the lines that fix them, ECC, row remaps, clock events and XIDs."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -10,30 +12,35 @@ import streamlit as st
 from dashboard import data, ui
 
 STATUS_ORDER = {"fail": 0, "warn": 1, "ok": 2, "skipped": 3}
+CHECK_COLS = ["name", "status", "gpu", "detail", "value", "threshold", "trigger"]
+NCCL = "nccl|cuda_visible|collective|peer"
+ERRORS = "ecc|remap|clock|xid|thermal|pcie"
 
 
-def checks_frame(health: dict) -> pd.DataFrame:
-    cols = ["name", "status", "detail", "value", "threshold"]
+def checks_frame(health: dict[str, Any]) -> pd.DataFrame:
     rows = [c for c in health.get("checks") or [] if isinstance(c, dict)]
-    df = pd.DataFrame([{k: c.get(k) for k in cols} for c in rows], columns=cols)
-    for k in ("value", "threshold"):  # mixed types (numbers, strings) display as text
+    df = pd.DataFrame([{k: c.get(k) for k in CHECK_COLS} for c in rows], columns=CHECK_COLS)
+    for k in ("value", "threshold", "gpu", "trigger"):  # mixed types display as text
         df[k] = df[k].map(lambda v: "" if v is None else str(v))
     return df.sort_values("status", key=lambda s: s.map(lambda v: STATUS_ORDER.get(v, 9)), kind="stable")
 
 
-def gpus_frame(health: dict) -> pd.DataFrame:
-    gpus = [g for g in health.get("gpus") or [] if isinstance(g, dict)]
+def gpus_frame(health: dict[str, Any]) -> pd.DataFrame:
     rows = []
-    for g in gpus:
-        row = {}
-        for k, v in g.items():
-            row[k] = ", ".join(map(str, v)) if isinstance(v, list) else v
-        rows.append(row)
+    for g in health.get("gpus") or []:
+        if isinstance(g, dict):
+            rows.append(
+                {
+                    k: ", ".join(map(str, v))
+                    if isinstance(v, list)
+                    else (str(v) if isinstance(v, dict) else v)
+                    for k, v in g.items()
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def nvlink_threshold(health: dict) -> float | None:
-    params = health.get("params") or {}
+def nvlink_threshold(health: dict[str, Any]) -> float | None:
     for c in health.get("checks") or []:
         if (
             isinstance(c, dict)
@@ -41,39 +48,38 @@ def nvlink_threshold(health: dict) -> float | None:
             and data._num(c.get("threshold")) is not None
         ):
             return data._num(c.get("threshold"))
-    return data._num(params.get("min_nvlink_links"))
+    return data._num((health.get("params") or {}).get("min_nvlink_links"))
 
 
-def nvlink_figure(gpus: pd.DataFrame, threshold: float | None) -> go.Figure:
-    active_col = next((c for c in ("nvlink_active_links", "nvlink_active") if c in gpus), None)
-    total_col = next(
-        (c for c in ("nvlink_links", "nvlink_total_links", "nvlink_link_count") if c in gpus), None
-    )
-    labels = [f"GPU {i}" for i in gpus.get("index", range(len(gpus)))]
+def nvlink_figure(gpus: list[dict[str, Any]], threshold: float | None) -> go.Figure:
+    labels = [f"GPU {g.get('index', i)}" for i, g in enumerate(gpus)]
+    active = [data._num(g.get("nvlink_active_links")) for g in gpus]
+    total = [data._num(g.get("nvlink_links_reported", g.get("nvlink_links"))) for g in gpus]
     fig = go.Figure()
-    if total_col:
-        fig.add_bar(x=labels, y=gpus[total_col], name="links on the device", marker_color="#cfd8dc")
+    if any(t is not None for t in total):
+        fig.add_bar(x=labels, y=total, name="links on the device", marker_color="#cfd8dc")
     fig.add_bar(
         x=labels,
-        y=gpus[active_col],
+        y=active,
         name="active links",
         marker_color=[
-            "#c62828" if threshold is not None and (v or 0) < threshold else "#2e7d32"
-            for v in gpus[active_col]
+            "#c62828" if threshold is not None and (v or 0) < threshold else "#2e7d32" for v in active
         ],
     )
     if threshold is not None:
         fig.add_hline(
             y=threshold, line_dash="dash", line_color="#c62828", annotation_text=f"threshold {threshold:g}"
         )
-    fig.update_layout(
-        title="NVLink active links per GPU",
-        barmode="overlay",
-        yaxis_title="links",
-        height=360,
-        showlegend=True,
-    )
+    fig.update_layout(title="NVLink active links per GPU", barmode="overlay", yaxis_title="links", height=360)
     return fig
+
+
+def _table(df: pd.DataFrame, pattern: str, empty: str) -> None:
+    rows = df[df["name"].str.contains(pattern, case=False, na=False)]
+    if rows.empty:
+        st.info(empty)
+    else:
+        st.dataframe(rows, hide_index=True)
 
 
 def render() -> None:
@@ -92,54 +98,54 @@ def render() -> None:
 
     decision = health.get("decision") or {}
     if decision.get("fallback_recommended"):
-        st.error("Fallback recommended: " + ", ".join(f"`{t}`" for t in decision.get("triggers") or []))
+        st.error(
+            "Fallback recommended — triggers: "
+            + (", ".join(f"`{t}`" for t in decision.get("triggers") or []) or "none named")
+        )
     elif decision:
         st.success("No fallback trigger fired.")
     for reason in decision.get("reasons") or []:
         st.markdown(f"- {reason}")
+    if decision.get("fallback_gpu") is not None or decision.get("fallback_viable") is not None:
+        viable = decision.get("fallback_viable")
+        st.caption(
+            f"Fallback GPU: {decision.get('fallback_gpu', 'n/a')} · can the single-GPU pool serve: "
+            + ("yes" if viable else "no" if viable is False else "unknown")
+        )
+    for b in decision.get("blockers") or []:
+        st.warning(f"Blocker: {b}")
 
     checks = checks_frame(health)
-    gpus = gpus_frame(health)
+    gpu_list = [g for g in health.get("gpus") or [] if isinstance(g, dict)]
 
     st.subheader("GPUs")
-    if gpus.empty:
+    if not gpu_list:
         st.info("No GPU inventory in this artifact (no NVIDIA GPU visible, or NVML unavailable).")
     else:
+        gpus = gpus_frame(health)
         st.dataframe(gpus, hide_index=True)
         ui.download_csv(gpus, f"{run.run_id}-gpus.csv")
 
     st.subheader("NVLink")
     threshold = nvlink_threshold(health)
-    if not gpus.empty and any(c in gpus for c in ("nvlink_active_links", "nvlink_active")):
-        st.plotly_chart(nvlink_figure(gpus, threshold), key="health-nvlink")
-    nv = checks[checks["name"].str.contains("nvlink", case=False, na=False)]
-    if nv.empty and gpus.empty:
-        st.info("No NVLink information in this artifact.")
-    elif not nv.empty:
-        st.dataframe(nv, hide_index=True)
+    if any(data._num(g.get("nvlink_active_links")) is not None for g in gpu_list):
+        st.plotly_chart(nvlink_figure(gpu_list, threshold), key="health-nvlink")
+    _table(checks, "nvlink", "No NVLink check in this artifact.")
 
-    st.subheader("NCCL environment")
-    nccl = checks[checks["name"].str.contains("nccl", case=False, na=False)]
-    if nccl.empty:
-        st.info("No NCCL findings in this artifact.")
-    else:
-        st.dataframe(nccl, hide_index=True)
-    fixes = [c.get("fix") for c in health.get("checks") or [] if isinstance(c, dict) and c.get("fix")]
-    fixes += [f for f in (health.get("nccl_env") or {}).get("fix_lines") or [] if isinstance(f, str)]
+    st.subheader("NCCL environment and peers")
+    _table(checks, NCCL, "No NCCL findings in this artifact.")
+    fixes = [f for f in health.get("fix_commands") or [] if isinstance(f, str)]
     if fixes:
         st.caption("Run these in the serving shell (the playbook's step 2):")
         st.code("\n".join(dict.fromkeys(fixes)), language="bash")
 
-    st.subheader("ECC, remapped rows, clock events, XID")
-    errs = checks[checks["name"].str.contains("ecc|clock|xid|remap|thermal|power", case=False, na=False)]
-    if errs.empty:
-        st.info("No error or slowdown checks in this artifact.")
-    else:
-        st.dataframe(errs, hide_index=True)
+    st.subheader("ECC, row remaps, clock events, XIDs, PCIe")
+    _table(checks, ERRORS, "No error or slowdown checks in this artifact.")
 
     st.subheader("Every check")
     st.dataframe(checks, hide_index=True)
     ui.download_csv(checks, f"{run.run_id}-health-checks.csv")
+    ui.unavailable(health)
     ui.download_json(health, f"{run.run_id}-{name}")
 
 

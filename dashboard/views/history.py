@@ -9,6 +9,7 @@ import streamlit as st
 
 from dashboard import data, ui
 
+ALL = "all runs"
 PREFERRED = ("warmup.decode_tokens_per_s", "loadtest.e2e_ms_p99", "warmup.ttft_ms_p99")
 
 
@@ -77,7 +78,18 @@ def render() -> None:
     if not reports.runs:
         ui.no_reports(reports)
         return
-    for run in reports.runs:
+    groups = {r.run_id: data.run_group(r) for r in reports.runs}
+    names = sorted(set(groups.values()))
+    selected = reports.get(st.session_state.get(ui.RUN_KEY)) or reports.latest
+    default = groups.get(selected.run_id) if selected else names[0]
+    group = st.selectbox(
+        "Drills compared (same profile and card)",
+        [*names, ALL],
+        index=names.index(default) if default in names else 0,
+        key="history-group",
+    )
+    runs = [r for r in reports.runs if group == ALL or groups[r.run_id] == group]
+    for run in runs:
         ui.show_warnings(run)
     tol_pct = st.slider(
         "Flag a regression when a metric is this much worse than the previous drill (%)",
@@ -86,7 +98,7 @@ def render() -> None:
         10,
         key="history-tolerance",
     )
-    h = data.flag_regressions(data.history_frame(reports.runs), tol_pct / 100)
+    h = data.flag_regressions(data.history_frame(runs), tol_pct / 100)
     if h.empty:
         st.info("No run has numeric summaries yet.")
         return
@@ -105,7 +117,7 @@ def render() -> None:
     ui.download_csv(h, "history.csv", label="Download the full history (CSV)")
 
     st.subheader("Compare two runs")
-    ids = [r.run_id for r in reports.runs]
+    ids = [r.run_id for r in runs]
     if len(ids) < 2:
         st.info("Only one drill so far: comparisons need two.")
         return

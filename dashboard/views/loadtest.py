@@ -16,18 +16,34 @@ from lab.capacity import find_knee, sweep_point
 
 num = data._num
 LATENCIES = {"ttft": "TTFT", "tpot": "TPOT", "e2e": "end-to-end"}
+OUTCOME_COLORS = {
+    "ok": "#2e7d32",
+    "rejected_queue_full": "#f9a825",
+    "rejected_draining": "#fbc02d",
+    "timed_out_in_queue": "#ef6c00",
+    "error": "#c62828",
+    "cancelled": "#6d4c41",
+}
+SUMMARY_OUTCOMES = {
+    "ok": "requests_ok",
+    "rejected_queue_full": "requests_rejected_queue_full",
+    "rejected_draining": "requests_rejected_draining",
+    "timed_out_in_queue": "requests_timed_out",
+    "error": "requests_errored",
+    "cancelled": "requests_cancelled",
+}
 
 
 def cdf_figure(df: pd.DataFrame, slo: dict[str, float]) -> go.Figure:
-    """Empirical CDF of each latency over the requests that completed (log x: they span decades)."""
+    """Empirical CDF of each latency over the completed requests (log x: they span decades)."""
     fig = go.Figure()
     for m, label in LATENCIES.items():
         v = np.sort(df[f"{m}_ms"].dropna().astype(float).to_numpy())
+        v = v[v > 0]
         if v.size == 0:
             continue
         fig.add_scatter(x=v, y=np.arange(1, v.size + 1) / v.size, mode="lines", name=f"{label} (n={v.size})")
-        if m in slo:
-            # a trace, not a shape: shapes on a log axis take log10 coordinates
+        if m in slo:  # a trace, not a shape: shapes on a log axis take log10 coordinates
             fig.add_scatter(
                 x=[slo[m], slo[m]],
                 y=[0, 1],
@@ -36,20 +52,12 @@ def cdf_figure(df: pd.DataFrame, slo: dict[str, float]) -> go.Figure:
                 line={"dash": "dot", "width": 1},
             )
     fig.update_layout(
-        title="Latency CDFs (completed requests; from the scheduled time)",
+        title="Latency CDFs (completed requests in the measured window; from the scheduled time)",
         xaxis={"type": "log", "title": "ms (log)"},
         yaxis={"title": "fraction of requests", "range": [0, 1.02]},
         height=400,
     )
     return fig
-
-
-def sweep_frame(lt: dict[str, Any]) -> pd.DataFrame:
-    rows = [p for p in lt.get("sweep") or lt.get("curve") or [] if isinstance(p, dict)]
-    df = pd.DataFrame(rows)
-    if not df.empty and "target_qps" not in df and "offered_qps" in df:
-        df["target_qps"] = df["offered_qps"]
-    return df.sort_values("target_qps") if "target_qps" in df else pd.DataFrame()
 
 
 def sweep_figure(sw: pd.DataFrame, metric: str, slo: dict[str, float], knee_qps: float | None) -> go.Figure:
@@ -96,42 +104,31 @@ def timeseries_figure(ts: pd.DataFrame, samples: list[dict[str, Any]]) -> go.Fig
             x=[t for t, _ in power], y=[p for _, p in power], mode="lines", name="power W", row=rows, col=1
         )
         fig.update_yaxes(title_text="power W", row=rows, col=1)
-    fig.update_xaxes(title_text="s since the first scheduled arrival", row=rows, col=1)
+    fig.update_xaxes(title_text="s since the run started", row=rows, col=1)
     fig.update_layout(title="Over the run (1 s bins)", height=170 * rows, showlegend=False)
     return fig
 
 
 def outcome_figure(counts: dict[str, int]) -> go.Figure:
-    colors = {
-        "ok": "#2e7d32",
-        "rejected_queue_full": "#f9a825",
-        "timed_out_in_queue": "#ef6c00",
-        "error": "#c62828",
-    }
     fig = go.Figure(
         go.Bar(
             x=list(counts),
             y=list(counts.values()),
             text=list(counts.values()),
             name="requests",
-            marker_color=[colors.get(k, "#757575") for k in counts],
+            marker_color=[OUTCOME_COLORS.get(k, "#757575") for k in counts],
         )
     )
-    fig.update_layout(title="Request outcomes", yaxis_title="requests", height=320)
+    fig.update_layout(title="Request outcomes (measured window)", yaxis_title="requests", height=320)
     return fig
 
 
-def outcome_counts(lt: dict[str, Any], df: pd.DataFrame | None) -> dict[str, int]:
-    if df is not None and not df.empty:
-        return {str(k): int(v) for k, v in df["outcome"].value_counts().items()}
+def outcome_counts(lt: dict[str, Any], measured: pd.DataFrame | None) -> dict[str, int]:
+    if measured is not None and not measured.empty:
+        sent = measured[measured["outcome"] != "not_sent"]
+        return {str(k): int(v) for k, v in sent["outcome"].value_counts().items()}
     s = lt.get("summary") or {}
-    keys = {
-        "ok": "requests_ok",
-        "rejected_queue_full": "requests_rejected",
-        "timed_out_in_queue": "requests_timed_out",
-        "error": "requests_errored",
-    }
-    return {k: int(num(s.get(v)) or 0) for k, v in keys.items() if num(s.get(v)) is not None}
+    return {k: int(num(s.get(v)) or 0) for k, v in SUMMARY_OUTCOMES.items() if num(s.get(v))}
 
 
 def _label(name: str, a: dict[str, Any]) -> str:
@@ -150,31 +147,27 @@ def render() -> None:
         ui.missing(
             run,
             "load test (load_test.json)",
-            "lab loadtest --duration 20 --target-qps 3 --output-json reports/<run-id>/load_test.json",
+            "lab loadtest --duration 20 --target-qps 3 --allow-smaller-world --output-json reports/<run-id>/load_test.json",
         )
         return
     labels = {_label(n, a): (n, a) for n, a in tests}
-    choice = (
-        st.selectbox("Load-test artifact", list(labels), key="loadtest-artifact")
-        if len(labels) > 1
-        else next(iter(labels))
-    )
+    choice = next(iter(labels))
+    if len(labels) > 1:
+        choice = st.selectbox("Load-test artifact", list(labels), key="loadtest-artifact")
     name, lt = labels.get(choice) or tests[0]
     ui.status_line(lt, name)
     ui.environment_caption(lt)
     s = lt.get("summary") or {}
     slo = data.slo_ms(lt)
 
-    valid = s.get("valid")
+    verdict = lt.get("verdict") if isinstance(lt.get("verdict"), dict) else {}
+    valid = verdict.get("valid", s.get("valid"))
     if valid is False:
         st.error(
-            "INVALID run: "
-            + "; ".join(
-                lt.get("invalid_reasons") or lt.get("reasons") or [lt.get("reason") or "see artifact"]
-            )
+            "INVALID run: " + "; ".join(verdict.get("reasons") or [lt.get("reason") or "see the artifact"])
         )
     elif valid is True:
-        st.success("VALID run: the generator kept its schedule (dispatch lag within bounds).")
+        st.success("VALID run: the generator kept its schedule and every request is accounted for.")
     att = num(s.get("slo_attainment"))
     figures = [
         ("Target QPS", ui.fmt(s.get("target_qps"))),
@@ -192,33 +185,55 @@ def render() -> None:
         for col, (label, value) in zip(st.columns(5), row):
             col.metric(label, value)
     if slo:
-        st.caption("SLO: " + ", ".join(f"{LATENCIES[k]} ≤ {v:g} ms" for k, v in slo.items()))
+        st.caption(
+            "SLO: "
+            + ", ".join(f"{LATENCIES[k]} ≤ {v:g} ms" for k, v in slo.items())
+            + f"; a load meets it when {data.slo_attainment_target(lt):.0%} of requests do"
+        )
+    excl = lt.get("exclusions") if isinstance(lt.get("exclusions"), dict) else {}
+    if excl:
+        parts = [
+            f"{phase} {int(num((excl.get(phase) or {}).get('requests_scheduled')) or 0)} request(s)"
+            for phase in ("warmup", "cooldown")
+            if isinstance(excl.get(phase), dict)
+        ]
+        st.caption("Excluded from the metrics (and recorded): " + ", ".join(parts))
     ui.unavailable(lt)
 
     df, req_warnings = data.get_requests(run, name)
     for w in req_warnings:
         st.warning(w.message)
+    tag = data.chosen_run_tag(lt)
+    this_run = None
+    if df is not None:
+        this_run = df[df["run"] == tag] if tag is not None and (df["run"] == tag).any() else df
+    measured = this_run[this_run["phase"] == "measure"] if this_run is not None else None
 
     st.subheader("Latency distributions")
-    if df is None:
+    if measured is None:
         st.info("No per-request records (JSONL) beside this artifact: CDFs need them.")
     else:
-        done = df[df["outcome"] == "ok"]
-        failed = len(df) - len(done)
+        done = measured[measured["outcome"] == "ok"]
         st.plotly_chart(cdf_figure(done, slo), key="loadtest-cdf")
+        failed = int((measured["outcome"] != "ok").sum())
         if failed:
             st.caption(
                 f"{failed} request(s) did not complete: they count as SLO violations in goodput and attainment."
             )
+        if tag:
+            st.caption(f"Requests of the sweep's chosen run ({tag}); the table below holds every run.")
 
     st.subheader("Latency against offered load")
-    sw = sweep_frame(lt)
-    if sw.empty:
+    curve = data.sweep_curve(lt)
+    if not curve:
         st.info(
-            "This run offered one load; run `lab loadtest --sweep 1,2,4,8` (or a search) for the curve and the knee."
+            "This run offered one load; `lab loadtest --sweep 1,2,4,8` (or `--sweep search`) draws the curve and finds the knee."
         )
     else:
-        points = [p for p in (sweep_point(r, slo) for r in sw.to_dict("records")) if p]
+        sw = pd.DataFrame(curve)
+        if "target_qps" not in sw and "offered_qps" in sw:
+            sw["target_qps"] = sw["offered_qps"]
+        points = [p for p in (sweep_point(r, slo, data.slo_attainment_target(lt)) for r in curve) if p]
         knee = find_knee(points)
         knee_qps = knee.point.offered_qps if knee.point else None
         options = [m for m in LATENCIES if f"{m}_ms_p99" in sw] or ["e2e"]
@@ -244,34 +259,43 @@ def render() -> None:
         st.dataframe(sw, hide_index=True)
         ui.download_csv(sw, f"{run.run_id}-{name}-sweep.csv")
 
-    if df is not None and not df.empty:
+    if this_run is not None and not this_run.empty:
         st.subheader("Over time")
-        st.plotly_chart(
-            timeseries_figure(data.time_series(df), data.telemetry_samples(lt)), key="loadtest-timeseries"
-        )
+        timeline = lt.get("timeline") if isinstance(lt.get("timeline"), list) else None
+        ts = data.time_series(this_run, timeline)
+        st.plotly_chart(timeseries_figure(ts, data.telemetry_samples(lt)), key="loadtest-timeseries")
 
     st.subheader("Outcomes")
-    counts = outcome_counts(lt, df)
+    counts = outcome_counts(lt, measured)
     if counts:
         st.plotly_chart(outcome_figure(counts), key="loadtest-outcomes")
     sent = num(s.get("requests_sent"))
     if sent is not None and counts:
         accounted = sum(counts.values())
         (st.caption if accounted == sent else st.warning)(
-            f"Accounting: {accounted} outcomes for {int(sent)} requests sent"
+            f"Accounting: {accounted} outcomes for {int(sent)} requests sent in the measured window"
             + ("" if accounted == sent else " — requests are missing from the records")
         )
 
     if df is not None:
         st.subheader("Every request")
+        view = df.drop(columns=["token_times_s"])
+        runs = sorted(x for x in view["run"].dropna().unique())
+        if runs:
+            picked = st.multiselect(
+                "Runs", runs, default=[tag] if tag in runs else runs, key="loadtest-run-filter"
+            )
+            view = view[view["run"].isin(picked)]
         outcomes = sorted(df["outcome"].unique())
         chosen = st.multiselect("Outcomes", outcomes, default=outcomes, key="loadtest-outcome-filter")
-        view = df[df["outcome"].isin(chosen)].drop(columns=["token_times_s"])
-        if view["prompt_tokens"].notna().any():
-            lo, hi = int(view["prompt_tokens"].min()), int(view["prompt_tokens"].max())
-            if lo < hi:
-                lo, hi = st.slider("Prompt tokens", lo, hi, (lo, hi), key="loadtest-prompt-filter")
-                view = view[view["prompt_tokens"].between(lo, hi)]
+        phases = sorted(df["phase"].dropna().unique())
+        chosen_phases = st.multiselect("Phases", phases, default=phases, key="loadtest-phase-filter")
+        view = view[view["outcome"].isin(chosen) & view["phase"].isin(chosen_phases)]
+        every = pd.to_numeric(df["prompt_tokens"], errors="coerce")  # the slider's range never moves
+        if every.notna().any() and every.min() < every.max():
+            lo, hi = int(every.min()), int(every.max())
+            lo, hi = st.slider("Prompt tokens", lo, hi, (lo, hi), key="loadtest-prompt-filter")
+            view = view[pd.to_numeric(view["prompt_tokens"], errors="coerce").between(lo, hi)]
         st.dataframe(view, hide_index=True)
         st.caption(f"{len(view)} of {len(df)} requests")
         ui.download_csv(view, f"{run.run_id}-{name}-requests.csv")

@@ -3,6 +3,8 @@ capacity-expectation profile, and the drill's step statuses."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -36,6 +38,34 @@ def expectations_figure(exp) -> go.Figure:
     return fig
 
 
+AS_EVALUATED = "as evaluated by the drill"
+
+
+def choose_profile(run: data.Run) -> tuple[dict | None, str]:
+    """The expectation profile to judge this run by: the drill's own evaluation, or any shipped
+    profile evaluated now (read-only). Returns (an evaluation to use instead, or None; a caption)."""
+    own = run.expectations or {}
+    own_name = own.get("profile") or (own.get("params") or {}).get("profile")
+    names = data.profiles()
+    options = ([f"{AS_EVALUATED} ({own_name or 'unnamed'})"] if own else []) + names
+    if not options:
+        return None, "No expectations evaluated and no profiles found."
+    choice = st.selectbox("Capacity-expectation profile", options, key="overview-profile")
+    if choice.startswith(AS_EVALUATED):
+        note = f"Profile `{own_name}`, as evaluated when the drill ran"
+        if own.get("provisional"):
+            note += " — provisional: " + (own.get("reason") or "expected values are estimates")
+        return None, note
+    doc, err = data.evaluate_profile(run.path, choice, data.signature([Path(run.path)]))
+    if doc is None:
+        st.warning(f"Could not evaluate profile {choice}: {err}")
+        return None, f"Profile `{own_name}`, as evaluated when the drill ran"
+    note = f"Profile `{choice}`, evaluated now against this run's artifacts"
+    if doc.get("provisional"):
+        note += " — provisional: " + (doc.get("reason") or "expected values are estimates")
+    return doc, note
+
+
 def render() -> None:
     run = ui.current_run()
     ui.header("Overview", "Is the single-GPU fallback ready to take traffic?", run)
@@ -43,12 +73,13 @@ def render() -> None:
         return
     ui.show_warnings(run)
 
-    verdict, reasons = data.go_no_go(run)
+    exp_doc, profile_note = choose_profile(run)
+    exp = data.expectations_frame(exp=exp_doc) if exp_doc else data.expectations_frame(run)
+    verdict, reasons = data.go_no_go(run, exp)
     box = {"GO": st.success, "NO-GO": st.error}.get(verdict, st.info)
     box(f"**{verdict}** — " + "; ".join(reasons))
 
     health = run.step("health")
-    exp = data.expectations_frame(run)
     steps = data.steps_frame(run)
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Go / no-go", verdict)
@@ -85,10 +116,7 @@ def render() -> None:
     if exp.empty:
         ui.missing(run, "expectations evaluation (expectations.json)", "lab drill --profile NAME")
     else:
-        profile = (run.expectations or {}).get("profile") or (run.expectations or {}).get("params", {}).get(
-            "profile"
-        )
-        st.caption(f"Profile: `{profile or 'unnamed'}`")
+        st.caption(profile_note)
         st.plotly_chart(expectations_figure(exp), key="overview-expectations")
         st.dataframe(exp, hide_index=True)
         ui.download_csv(exp, f"{run.run_id}-expectations.csv")

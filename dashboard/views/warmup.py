@@ -28,11 +28,15 @@ def iterations_frame(warmup: dict[str, Any]) -> pd.DataFrame:
     raw = warmup.get("iterations") or warmup.get("per_iteration") or []
     rows = []
     for i, it in enumerate(r for r in raw if isinstance(r, dict)):
-        dec = it.get("decode_ms_per_token")
-        per_token = [x for x in (num(v) for v in dec) if x is not None] if isinstance(dec, list) else []
-        p50 = num(it.get("decode_ms_per_token_p50"))
-        if p50 is None:
-            p50 = statistics.median(per_token) if per_token else num(dec)
+        steps = it.get("decode_step_ms")
+        if not isinstance(steps, list):
+            steps = it.get("decode_ms_per_token") if isinstance(it.get("decode_ms_per_token"), list) else []
+        per_token = [x for x in (num(v) for v in steps) if x is not None]
+        p50 = (
+            statistics.median(per_token)
+            if per_token
+            else num(it.get("decode_ms_per_token_p50", it.get("decode_ms_per_token")))
+        )
         total = sum(per_token) if per_token else num(it.get("decode_total_ms"))
         rows.append(
             {
@@ -87,10 +91,13 @@ def ttft_vs_decode_figure(its: pd.DataFrame) -> go.Figure:
 
 
 def compile_times(warmup: dict[str, Any]) -> dict[str, float]:
+    """Compile / capture time with a cold and with a warm compile cache (the cache's own history)."""
     comp = warmup.get("compile") if isinstance(warmup.get("compile"), dict) else {}
-    summary = warmup.get("summary") or {}
-    cold = num(comp.get("cold_s", summary.get("compile_s")))
-    warm = num(comp.get("warm_cache_s", comp.get("warm_s", summary.get("compile_warm_s"))))
+    s = warmup.get("summary") or {}
+    cold = num(comp.get("cold_s", s.get("compile_s_cold")))
+    warm = num(comp.get("warm_s", comp.get("warm_cache_s", s.get("compile_s_warm"))))
+    if cold is None and warm is None:
+        cold = num(s.get("compile_s"))
     return {k: v for k, v in (("cold compile cache", cold), ("warm compile cache", warm)) if v is not None}
 
 
@@ -108,14 +115,24 @@ def compile_figure(times: dict[str, float]) -> go.Figure:
 
 
 def roofline(warmup: dict[str, Any]) -> dict[str, float | None]:
+    """Decode bandwidth against the copy bandwidth measured in the same run (MEASUREMENT.md)."""
     r = warmup.get("roofline") if isinstance(warmup.get("roofline"), dict) else {}
     s = warmup.get("summary") or {}
-    copy_bw = num(r.get("copy_bandwidth_gb_per_s", s.get("copy_bandwidth_gb_per_s")))
+    copy_bw = num(r.get("copy_bandwidth_gb_s", r.get("copy_bandwidth_gb_per_s")))
     mbu = num(r.get("mbu", s.get("mbu")))
-    achieved = num(r.get("achieved_gb_per_s", s.get("achieved_gb_per_s")))
+    achieved = num(r.get("achieved_gb_per_s"))
+    step_s = num(r.get("decode_step_s_p50"))
+    bytes_per_step = num(r.get("bytes_per_step"))
+    if achieved is None and bytes_per_step and step_s:
+        achieved = bytes_per_step / step_s / 1e9
     if achieved is None and mbu is not None and copy_bw is not None:
         achieved = mbu * copy_bw
-    return {"copy_bandwidth_gb_per_s": copy_bw, "achieved_gb_per_s": achieved, "mbu": mbu}
+    return {
+        "copy_bandwidth_gb_per_s": copy_bw,
+        "achieved_gb_per_s": achieved,
+        "mbu": mbu,
+        "mfu": num(r.get("decode_mfu")),
+    }
 
 
 def roofline_figure(r: dict[str, float | None]) -> go.Figure:
@@ -130,6 +147,8 @@ def roofline_figure(r: dict[str, float | None]) -> go.Figure:
     title = "Memory bandwidth: decode vs the measured roofline"
     if r["mbu"] is not None:
         title += f" (MBU {r['mbu']:.0%})"
+    if r.get("mfu") is not None:
+        title += f"; decode MFU {r['mfu']:.1%}"
     fig.update_layout(title=title, yaxis_title="GB/s", height=340)
     return fig
 
