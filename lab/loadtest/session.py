@@ -85,6 +85,7 @@ def run_loadtest(
     art.engine = info or ({"target": "http", "endpoint": cfg.endpoint} if cfg.endpoint else {})
     target = make_target(cfg, engine)
     runs: list[RunResult] = []
+    threads = _leave_a_core_for_the_generator(engine)
 
     def run_at(qps: float) -> dict[str, Any]:
         run = run_once(cfg, target, qps, vocab_size, telemetry_device)
@@ -92,29 +93,37 @@ def run_loadtest(
         return add_run_to_summary(run, engine.stats() if engine is not None else None)
 
     summaries: dict[int, dict[str, Any]] = {}
-    if sweep is None:
-        summaries[0] = run_at(cfg.target_qps)
-        chosen = 0
-    else:
-        if not cfg.slo().given():
-            raise LabError("--sweep needs at least one SLO: --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-ms")
-        pairs = (
-            search(run_at, cfg.target_qps, cfg.slo_attainment_target, sweep_max_runs)
-            if sweep == "search"
-            else [(q, run_at(q)) for q in sweep]
-        )
-        for i, (_, s) in enumerate(pairs):
-            summaries[i] = s
-        best = best_passing(pairs, cfg.slo_attainment_target)
-        chosen = next((i for i, (q, _) in enumerate(pairs) if q == best), 0)
-        curve = sorted((point(s, cfg.slo_attainment_target) for _, s in pairs), key=lambda p: p["target_qps"])
-        art.sweep = {
-            "mode": "search" if sweep == "search" else "list",
-            "max_qps_meeting_slo": best,
-            "slo": cfg.slo().to_dict(),
-            "curve": curve,
-            "order_run": [q for q, _ in pairs],
-        }
+    try:
+        if sweep is None:
+            summaries[0] = run_at(cfg.target_qps)
+            chosen = 0
+        else:
+            if not cfg.slo().given():
+                raise LabError("--sweep needs at least one SLO: --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-ms")
+            pairs = (
+                search(run_at, cfg.target_qps, cfg.slo_attainment_target, sweep_max_runs)
+                if sweep == "search"
+                else [(q, run_at(q)) for q in sweep]
+            )
+            for i, (_, s) in enumerate(pairs):
+                summaries[i] = s
+            best = best_passing(pairs, cfg.slo_attainment_target)
+            chosen = next((i for i, (q, _) in enumerate(pairs) if q == best), 0)
+            curve = sorted(
+                (point(s, cfg.slo_attainment_target) for _, s in pairs), key=lambda p: p["target_qps"]
+            )
+            art.sweep = {
+                "mode": "search" if sweep == "search" else "list",
+                "max_qps_meeting_slo": best,
+                "slo": cfg.slo().to_dict(),
+                "curve": curve,
+                "order_run": [q for q, _ in pairs],
+            }
+    finally:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
     run = runs[chosen]
     art.summary = summaries[chosen]
     if art.sweep is not None:
@@ -144,6 +153,20 @@ def run_loadtest(
         art.requests_file = req_file.name
         write_artifact(output_json, art)
     return art
+
+
+def _leave_a_core_for_the_generator(engine) -> int | None:
+    """An in-process engine on the CPU would otherwise take every core for its matrix maths and starve
+    the load generator (dispatch lag, an INVALID run). Returns the thread count to restore."""
+    if engine is None or engine.device.type != "cpu":
+        return None
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) - 1)))
+    return before
 
 
 def run_in_process(
