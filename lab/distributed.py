@@ -159,9 +159,12 @@ def hang_safety_env(timeout_s: float, rank: int, trace_dir: str | None = None) -
         # itself hang on a wedged NCCL communicator) instead of blocking the CUDA stream forever.
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
         # Flight recorder: keep the last 2000 collectives per rank and dump them when the watchdog fires.
+        # (TORCH_FR_* are the newer names of the same settings; both are set for torch 2.6 to 2.14.)
         "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+        "TORCH_FR_BUFFER_SIZE": "2000",
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
         "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(trace_dir, "nccl_trace_rank_"),
+        "TORCH_FR_DUMP_TEMP_FILE": os.path.join(trace_dir, "nccl_trace_rank_"),
         # The monitor thread kills a watchdog that is itself stuck, a little after the collective deadline.
         "TORCH_NCCL_ENABLE_MONITORING": "1",
         "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(int(timeout_s) + 60),
@@ -707,8 +710,9 @@ def tp_leader() -> bool:
 
 
 def send_plan(plan: dict[str, Any]) -> None:
-    """Leader: send one step's plan to every other rank. Ops: warmup, prefill (chunks), decode (the
-    fixed-shape step's inputs), idle (keep-alive), stop. A no-op outside a multi-rank tier."""
+    """Leader: send one step's plan to every other rank. Ops: warmup, forward (a `forward_plan`: the
+    prefill), decode (the fixed-shape step's inputs), idle (keep-alive), stop. A no-op outside a
+    multi-rank tier."""
     global _last_plan_s
     if not tp_leader():
         return
@@ -727,7 +731,7 @@ def follow_engine(engine) -> dict[str, int]:
     from lab.engine.generate import no_recompile
 
     dev, model = engine.device, engine.model
-    counts = {"warmup": 0, "prefill": 0, "decode": 0, "idle": 0}
+    counts = {"warmup": 0, "forward": 0, "decode": 0, "idle": 0}
     with torch.inference_mode():
         plan = broadcast_object(None)
         if plan.get("op") == "warmup":
@@ -738,14 +742,8 @@ def follow_engine(engine) -> dict[str, int]:
         with guard:
             while plan.get("op") != "stop":
                 op = plan.get("op")
-                if op == "prefill":
-                    for slot, start, ids in plan["chunks"]:
-                        model(
-                            torch.tensor([ids], dtype=torch.long, device=dev),
-                            torch.arange(start, start + len(ids), device=dev)[None],
-                            torch.tensor([slot], device=dev),
-                            last_only=True,
-                        )
+                if op == "forward":
+                    model_forward(model, dev, plan)
                 elif op == "decode":
                     tok, _ = engine.decode_fn(
                         model,
@@ -763,6 +761,41 @@ def follow_engine(engine) -> dict[str, int]:
                 counts[op] = counts.get(op, 0) + 1
                 plan = broadcast_object(None)
     return counts
+
+
+def forward_plan(
+    tokens: list[list[int]],
+    pos: list[list[int]],
+    rows: list[int] | None = None,
+    logits_at: list[int] | None = None,
+    last_only: bool = False,
+) -> dict[str, Any]:
+    """One model forward as plain data: the leader sends it, then both sides call `model_forward` on it,
+    so every rank's forward (and so every collective inside it) has the same shapes."""
+    return {
+        "op": "forward",
+        "tokens": tokens,
+        "pos": pos,
+        "rows": rows,
+        "logits_at": logits_at,
+        "last_only": last_only,
+    }
+
+
+def model_forward(model, device, plan: dict[str, Any]):
+    """Run the forward a `forward_plan` describes; returns the model's logits."""
+    import torch
+
+    kwargs: dict[str, Any] = {"last_only": bool(plan.get("last_only"))}
+    if plan.get("logits_at") is not None:
+        kwargs["logits_at"] = torch.tensor(plan["logits_at"], dtype=torch.long, device=device)
+    rows = plan.get("rows")
+    return model(
+        torch.tensor(plan["tokens"], dtype=torch.long, device=device),
+        torch.tensor(plan["pos"], dtype=torch.long, device=device),
+        None if rows is None else torch.tensor(rows, dtype=torch.long, device=device),
+        **kwargs,
+    )
 
 
 class _Null:

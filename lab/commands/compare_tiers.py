@@ -310,6 +310,8 @@ def compare_reports(
             }
             if a is not None and step == "loadtest":
                 entry["valid"] = a.summary.get("valid")
+                if not entry["valid"]:  # still comparable, but say why the run does not count as valid
+                    entry["invalid_reasons"] = list((getattr(a, "verdict", None) or {}).get("reasons", []))
             art.tiers[tier][step] = entry
             if a is None or a.status != "ok":
                 problems.append(f"{tier} {step}: {entry['reason'] or entry['status']}")
