@@ -279,3 +279,27 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tokenizer_json_beside_the_checkpoint_is_used(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lab.engine.tokenizer import HFTokenizer, IncrementalDecoder, load_tokenizer
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    t = load_tokenizer(str(tmp_path / "model.safetensors"), vocab_size=3)
+    assert isinstance(t, HFTokenizer) and t.encode("hello world") == [1, 2]
+    assert isinstance(load_tokenizer(None, 512), ByteTokenizer)
+    from lab.errors import LabError
+
+    with pytest.raises(LabError, match="tokenizer.json"):
+        load_tokenizer(None, 100)
+    # Streaming a multi-byte character byte by byte: nothing half-decoded leaks out.
+    dec = IncrementalDecoder(ByteTokenizer())
+    pieces = [dec.push(b) for b in "né✓".encode()]
+    assert "".join(pieces) + dec.flush() == "né✓" and "\ufffd" not in "".join(pieces)
+    assert ByteTokenizer().decode([104, 300, 105]) == "h<|300|>i"
