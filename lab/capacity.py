@@ -166,7 +166,8 @@ def tier_from_knee(
     (e.g. tokens_per_joule from the run's summary)."""
     if knee.point is None or knee.capacity_qps is None:
         raise LabError(
-            f"{name}: no offered load in the sweep met the SLO; rerun the sweep from a lower --target-qps"
+            f"{name}: no offered load met the SLO (or the run was INVALID); "
+            "rerun the load test (or its --sweep) from a lower --target-qps"
         )
     p = knee.point
     figures: dict[str, float | None] = {

@@ -131,6 +131,26 @@ def render() -> None:
     if manifest:
         ui.environment_caption(manifest)
         ui.download_json(manifest, f"{run.run_id}-manifest.json")
+        for rel in executed_notebooks(run):
+            st.download_button(
+                f"Download the executed {rel.name}",
+                data=rel.read_bytes(),
+                file_name=f"{run.run_id}-{rel.name}",
+                mime="application/x-ipynb+json",
+                key=f"dl-nb-{rel.name}",
+            )
+
+
+def executed_notebooks(run: data.Run) -> list[Path]:
+    """The drill's executed notebooks the manifest lists, inside the run's folder."""
+    out = []
+    for s in (run.manifest or {}).get("steps") or []:
+        rel = s.get("executed_notebook") if isinstance(s, dict) else None
+        if isinstance(rel, str) and rel:
+            p = data._inside(Path(run.path), rel)
+            if p is not None and p.is_file():
+                out.append(p)
+    return out
 
 
 render()
