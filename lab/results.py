@@ -31,6 +31,7 @@ STEP_FILES = {
     "warmup": "warmup.json",
     "compare": "compare.json",
     "loadtest": "load_test.json",
+    "tiers": "tiers.json",  # lab compare-tiers: the fallback as a fraction of the multi-GPU tier
 }
 MANIFEST_FILE = "manifest.json"
 EXPECTATIONS_FILE = "expectations.json"

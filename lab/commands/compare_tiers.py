@@ -25,7 +25,7 @@ from lab.errors import LabError
 from lab.results import STEP_FILES, Artifact
 from lab.results import register as register_artifact
 
-TIERS_FILE = "tiers.json"
+TIERS_FILE = STEP_FILES["tiers"]
 PLAYBOOK_TOKENS_PER_JOULE_RATIO = 0.52  # "expect 3.6 tokens/joule (52 % of the multi-GPU system)"
 
 # (summary key in tiers.json, source step, metric in that step's summary, what it means)
