@@ -25,11 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
         type=positive_int,
         default=max_seq_len_default,
         help="prompt + generated tokens per request, the KV-cache length of each slot"
-        + (
-            f" (default {max_seq_len_default})"
-            if max_seq_len_default
-            else " (default: longest prompt + max new tokens)"
-        ),
+        + (" (default: serve: min(4096, the model's context); loadtest: longest prompt + max new tokens)"),
     )
     g.add_argument(
         "--max-queue", type=nonneg_int, default=64, help="waiting requests; one more gets 429 (default 64)"
@@ -81,9 +77,12 @@ def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
     import torch
 
     from lab.engine.batching import EngineConfig
+    from lab.engine.generate import check_mode
     from lab.model import resolve_device
 
     mode = args.mode
+    if mode != "auto":
+        check_mode(mode, resolve_device(args.device))
     if mode == "auto":
         mode = (
             "compile-cudagraphs"
@@ -133,7 +132,7 @@ def register(sub) -> None:
         default=30.0,
         help="on SIGTERM, wait this long for in-flight requests",
     )
-    add_engine_args(p, max_seq_len_default=4096)
+    add_engine_args(p, max_seq_len_default=None)
     p.set_defaults(func=run)
 
 
@@ -148,7 +147,11 @@ def run(args) -> int:
     if args.port > 65535:
         raise LabError(f"--port {args.port} is not a TCP port (0-65535)")
     _check_bindable(args.host, args.port)
-    cfg = engine_config_from_args(args, args.max_new_tokens, args.max_seq_len)
+    from lab.model import resolve_device, resolve_spec
+
+    spec = resolve_spec(args.preset, args.model_path, resolve_device(args.device))
+    max_seq = args.max_seq_len or min(4096, spec.args.max_seq_len)
+    cfg = engine_config_from_args(args, args.max_new_tokens, max_seq)
     engine, prepared = build_engine(args.preset, args.model_path, args.device, args.dtype, args.seed, cfg)
     tokenizer = load_tokenizer(prepared.spec.model_path, prepared.spec.args.vocab_size)
     name = args.model_name or prepared.spec.preset or "lab"
