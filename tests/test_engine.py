@@ -196,3 +196,27 @@ def test_memory_guard_defers_admission_above_the_fraction(model, monkeypatch):
     assert guard.deferrals == 1
     with pytest.raises(LabError, match="max-gpu-memory-fraction"):
         guard.check_startup()
+
+
+def test_model_thread_gets_its_own_cuda_graph_tree_state(monkeypatch):
+    """Older torch (the H100 host's) creates CUDA-graph-tree state only in the importing thread; the
+    engine's model thread must get its own or the first replay asserts (pytorch#123177)."""
+    import threading
+
+    from torch._inductor import cudagraph_trees as ct
+
+    from lab.engine.batching import _cudagraph_state_for_this_thread
+
+    monkeypatch.delattr(ct, "_initialize_tls", raising=False)  # behave like the old release
+    seen = {}
+
+    def model_thread():
+        seen["before"] = hasattr(ct.local, "tree_manager_containers")
+        _cudagraph_state_for_this_thread()
+        seen["container"] = ct.get_container(0)
+
+    t = threading.Thread(target=model_thread)
+    t.start()
+    t.join()
+    assert seen["before"] is False
+    assert isinstance(seen["container"], ct.TreeManagerContainer)

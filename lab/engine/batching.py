@@ -295,6 +295,8 @@ class Engine:
 
     def _run(self, warmup: bool) -> None:
         try:
+            if self.config.mode == "compile-cudagraphs":
+                _cudagraph_state_for_this_thread()
             with torch.inference_mode():
                 if warmup or self.config.mode != "eager":  # compiled modes must not compile under load
                     self._send_plan({"op": "warmup"})
@@ -565,6 +567,27 @@ def _sample_rows(logits: torch.Tensor, temps: list[float], greedy: torch.Tensor 
     sampled = sample(logits / t[:, None], temperature=1.0)
     mask = torch.tensor([x > 0 for x in temps], device=logits.device)
     return torch.where(mask, sampled, greedy)
+
+
+def _cudagraph_state_for_this_thread() -> None:
+    """CUDA graph trees keep their per-device state in a thread-local that older torch releases (before
+    the fix for pytorch#123177) create only in the thread that imported the module, so the first replay in
+    a model thread of our own would assert. Give this thread its state, as newer releases do lazily."""
+    from collections import defaultdict
+
+    from torch._inductor import cudagraph_trees as ct
+
+    local = ct.local
+    if hasattr(local, "tree_manager_containers"):
+        return
+    init = getattr(ct, "_initialize_tls", None)
+    if init is not None:
+        init(local)
+        return
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)
 
 
 class _nullcontext:
