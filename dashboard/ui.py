@@ -13,6 +13,7 @@ import streamlit as st
 from dashboard import data
 
 RUN_KEY = "run_id"
+WATCH_S = 10  # how often an open dashboard looks for new or rewritten reports
 log = logging.getLogger("lab.dashboard")
 
 HOW_TO_RUN = """
@@ -40,6 +41,8 @@ def sidebar(reports: data.Reports) -> data.Run | None:
         if st.button("Reload reports", help="Re-read every report now (new files also appear on any rerun)"):
             data.reload()
             st.rerun()
+        if st.toggle("Watch for new reports", value=True, key="watch", help=f"Check every {WATCH_S} s"):
+            _watch(tuple(reports.dirs))
         if not reports.runs:
             return None
         ids = [r.run_id for r in reversed(reports.runs)]  # newest first
@@ -60,6 +63,16 @@ def sidebar(reports: data.Reports) -> data.Run | None:
             if run.warnings:
                 st.caption(f"⚠ {len(run.warnings)} file(s) could not be read: see the page warnings")
         return run
+
+
+@st.fragment(run_every=WATCH_S)
+def _watch(dirs: tuple[str, ...]) -> None:
+    """Rerun the whole app when any report file appears, changes or goes (stats only, no reads)."""
+    sig = data.signature([Path(d) for d in dirs])
+    last = st.session_state.get("_lab_report_signature")
+    st.session_state["_lab_report_signature"] = sig
+    if last is not None and last != sig:
+        st.rerun(scope="app")
 
 
 def no_reports(reports: data.Reports) -> None:

@@ -194,14 +194,17 @@ def test_overview_judges_the_run_by_another_profile(fixture_app) -> None:
 def test_health_gpus_nvlink_threshold_and_nccl_fix(fixture_app) -> None:
     at = goto(fixture_app, "health", LATEST)
     fig = figure(at, "NVLink active links")
-    assert arr(trace(fig, "active links")["y"]) == [12]
-    assert arr(trace(fig, "links on the device")["y"]) == [18]
+    assert arr(trace(fig, "active links")["y"]) == [18, 18, 18, 12, 18, 18, 18, 18]  # GPU 3 degraded
+    assert trace(fig, "active links")["marker"]["color"][3] == "#c62828"
+    assert arr(trace(fig, "links on the device")["y"]) == [18] * 8
     assert [s["y0"] for s in fig["layout"]["shapes"]] == [18]  # the threshold line
     assert "unset NCCL_P2P_DISABLE NCCL_P2P_LEVEL\nexport CUDA_VISIBLE_DEVICES=0" in texts(at.code)
     gpus = next(d.value for d in at.dataframe if "uuid" in d.value.columns)
-    assert gpus["nvlink_active_links"].tolist() == [12]
-    checks = next(d.value for d in at.dataframe if "trigger" in d.value.columns and len(d.value) == 11)
+    assert gpus["nvlink_active_links"].tolist() == [18, 18, 18, 12, 18, 18, 18, 18]
+    n_checks = len(load(LATEST, "health.json")["checks"])
+    checks = next(d.value for d in at.dataframe if "trigger" in d.value.columns and len(d.value) == n_checks)
     assert checks["status"].iloc[0] == "fail" and checks["trigger"].iloc[0] == "nvlink_degraded"
+    assert checks["gpu"].iloc[0] == "3"
 
 
 def test_warmup_envelope_compile_roofline(fixture_app) -> None:

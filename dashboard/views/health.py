@@ -19,9 +19,14 @@ ERRORS = "ecc|remap|clock|xid|thermal|pcie"
 
 def checks_frame(health: dict[str, Any]) -> pd.DataFrame:
     rows = [c for c in health.get("checks") or [] if isinstance(c, dict)]
-    df = pd.DataFrame([{k: c.get(k) for k in CHECK_COLS} for c in rows], columns=CHECK_COLS)
-    for k in ("value", "threshold", "gpu", "trigger"):  # mixed types display as text
-        df[k] = df[k].map(lambda v: "" if v is None else str(v))
+    text = ("value", "threshold", "gpu", "trigger")  # mixed types (and gaps) display as text
+    df = pd.DataFrame(
+        [
+            {k: ("" if c.get(k) is None else str(c.get(k))) if k in text else c.get(k) for k in CHECK_COLS}
+            for c in rows
+        ],
+        columns=CHECK_COLS,
+    )
     return df.sort_values("status", key=lambda s: s.map(lambda v: STATUS_ORDER.get(v, 9)), kind="stable")
 
 
