@@ -34,6 +34,9 @@ def register(sub) -> None:
         help="Inductor compile cache, shared with lab warmup (default .compile-cache)",
     )
     add_output_json(p, "compare.json")
+    from lab.distributed import add_tp_args
+
+    add_tp_args(p)
     p.set_defaults(func=run)
 
 
@@ -44,8 +47,14 @@ def run(args) -> int:
     from lab.results import write_artifact
 
     parse_methods(args.methods)  # a bad name is a usage error before anything runs
+    model, prepared = args.preset, None
+    if args.tensor_parallel_gpus > 1:  # the multi-GPU tier: every rank runs every method on its shard
+        from lab.distributed import tp_prepare
+
+        prepared = tp_prepare(args, args.batch_size, args.prompt_len + max(args.max_new_tokens, 4))
+        model = prepared.model
     result = compare_inference_methods(
-        args.preset,
+        model,
         methods=args.methods,
         batch_size=args.batch_size,
         prompt_len=args.prompt_len,
@@ -59,6 +68,12 @@ def run(args) -> int:
         compile_cache_dir=args.compile_cache_dir or None,
         progress=lambda m: print(f"running {m} ...", file=sys.stderr, flush=True),
     )
+    from lab.distributed import is_rank0
+
+    if not is_rank0():
+        return 0  # rank 0 records for the tier
+    if prepared is not None:
+        result.preset, result.memory_plan = prepared.spec.preset, prepared.plan.to_dict()  # per rank
     params = {k: v for k, v in vars(args).items() if k != "func"}
     art = result.to_artifact(params)
     write_artifact(args.output_json, art)

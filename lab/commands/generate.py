@@ -27,6 +27,9 @@ def register(sub) -> None:
         default=1,
         help="shard over N GPUs; N > 1 must run under torchrun --nproc_per_node=N",
     )
+    from lab.distributed import add_tp_args
+
+    add_tp_args(p, with_tp_flag=False)  # --dist-timeout-s, --allow-smaller-world
     p.set_defaults(func=run)
 
 

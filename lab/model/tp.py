@@ -4,8 +4,9 @@ is materialised (`build_model(..., shard=...)`), so no rank ever holds the whole
 - Column parallel: `attention.wqkv` (rows [q; k; v]) and `feed_forward.w13` (rows [gate; up]). Each part is
   split separately and this rank's slices re-concatenated, so a rank owns whole query heads, whole KV
   heads (n_heads / N and n_kv_heads / N; GQA groups stay on one rank) and 1/N of the FFN.
-- Row parallel: `attention.wo` and `feed_forward.w2` take this rank's input columns; a forward hook sums
-  the partial outputs over the ranks (one all-reduce each, two per block).
+- Row parallel: `attention.wo` and `feed_forward.w2` take this rank's input columns; a forward hook on each
+  (registered by `mark_sharded`, after quantisation) sums the partial outputs over the ranks: two
+  all-reduces per block.
 - Vocabulary parallel head: `output` keeps vocab / N rows; a hook gathers the logits along the vocabulary.
 - Replicated: the embedding (a lookup, cheap), the norms and the rotary tables.
 
@@ -96,8 +97,6 @@ def shard_block(block: Block, rank: int, world: int) -> None:
     _set_weight(ff.w13, _keep_rows(ff.w13.weight, [ff.ffn_dim, ff.ffn_dim], rank, world))
     _set_weight(ff.w2, _keep_cols(ff.w2.weight, rank, world))
     ff.ffn_dim //= world
-    att.register_forward_hook(_all_reduce_hook)
-    ff.register_forward_hook(_all_reduce_hook)
 
 
 @torch.no_grad()
@@ -123,9 +122,15 @@ def shard_fn(args: ModelArgs, rank: int, world: int) -> Callable[[nn.Module], No
 
 
 def mark_sharded(model: Transformer, rank: int, world: int) -> Transformer:
-    """Record the layout on the model and count forwards (progress for the hang watchdog)."""
+    """After the model is built (and quantised): sum the row-parallel linears' outputs over the ranks,
+    record the layout, and count forwards (progress for the hang watchdog). The all-reduce hooks sit on
+    `wo` and `w2` themselves, whatever their type by now (quantisation replaces the modules), so any code
+    that calls them, not only Attention.forward, gets the reduced output."""
     model.tp_rank, model.tp_world_size = rank, world
     if world > 1:
+        for layer in model.layers:
+            layer.attention.wo.register_forward_hook(_all_reduce_hook)
+            layer.feed_forward.w2.register_forward_hook(_all_reduce_hook)
         model.register_forward_pre_hook(_forward_pre_hook)
     return model
 
