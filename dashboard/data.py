@@ -38,6 +38,7 @@ ARTIFACT_MODULES = (
     "lab.loadtest.runner",
     "lab.drill",
     "lab.expectations",
+    "lab.commands.compare_tiers",
 )
 OUTCOMES = ("ok", "rejected_queue_full", "timed_out_in_queue", "error", "cancelled")
 
@@ -89,7 +90,7 @@ class Run:
         return self.step("expectations")
 
     def warnings_for(self, *files: str | None) -> list[FileWarning]:
-        names = {f for f in files if f}
+        names = {Path(f).name for f in files if f}
         return [w for w in self.warnings if not names or Path(w.path).name in names]
 
 
@@ -166,13 +167,18 @@ def signature(dirs: Sequence[Path]) -> tuple:
             sig.append((str(d), -1, -1))
     runs, _ = discover(dirs)
     for run_dir, _src in runs:
-        try:
-            for p in sorted(run_dir.iterdir()):
-                if p.suffix in (".json", ".jsonl") and p.is_file():
-                    s = p.stat()
-                    sig.append((str(p), s.st_mtime_ns, s.st_size))
-        except OSError:
-            continue
+        for p in _json_files(run_dir):
+            try:
+                s = p.stat()
+            except OSError:
+                continue
+            sig.append((str(p), s.st_mtime_ns, s.st_size))
+        for p in [*run_dir.glob("*.jsonl"), *run_dir.glob("*/*.jsonl")]:  # per-request records
+            try:
+                s = p.stat()
+                sig.append((str(p), s.st_mtime_ns, s.st_size))
+            except OSError:
+                continue
     return tuple(sig)
 
 
@@ -198,13 +204,34 @@ def _inside(base: Path, rel: str) -> Path | None:
     return p
 
 
+def _json_files(run_dir: Path) -> list[Path]:
+    """The run's JSON files, and those one folder down (`lab compare-tiers` writes tp1/ and tpN/)."""
+    out: list[Path] = []
+    try:
+        entries = sorted(run_dir.iterdir())
+    except OSError:
+        return out
+    for p in entries:
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and p.suffix == ".json":
+            out.append(p)
+        elif p.is_dir():
+            try:
+                out += sorted(
+                    q
+                    for q in p.iterdir()
+                    if q.is_file() and q.suffix == ".json" and not q.name.startswith(".")
+                )
+            except OSError:
+                continue
+    return out
+
+
 def load_run(run_dir: Path, source: str, run_id: str | None = None) -> Run:
     """Read every JSON artifact of one run; failures become warnings naming the file."""
     run = Run(run_id=run_id or run_dir.name, path=str(run_dir), source=source, started_at=None)
-    files = sorted(
-        p for p in run_dir.iterdir() if p.suffix == ".json" and p.is_file() and not p.name.startswith(".")
-    )
-    for p in files:
+    for p in _json_files(run_dir):
         try:
             art = read_artifact(p)
         except ArtifactError as e:
@@ -215,7 +242,7 @@ def load_run(run_dir: Path, source: str, run_id: str | None = None) -> Run:
         except Exception as e:  # a reader must never take the page down
             run.warnings.append(FileWarning(str(p), f"{p}: could not be read ({type(e).__name__}: {e})"))
             continue
-        run.artifacts[p.name] = art.model_dump(mode="json")
+        run.artifacts[p.relative_to(run_dir).as_posix()] = art.model_dump(mode="json")
     manifest = run.manifest
     if manifest:
         for s in _manifest_steps(manifest):
@@ -280,12 +307,15 @@ def reload() -> None:
 
 
 def requests_path(run: Run, filename: str) -> Path | None:
+    """The per-request JSONL of a load-test artifact: beside it, never outside the run's folder."""
     art = run.artifacts.get(filename) or {}
-    base = Path(run.path)
+    base = (Path(run.path) / filename).parent
+    if _inside(Path(run.path), filename) is None:
+        return None
     for key in REQUEST_FILE_FIELDS:
         rel = art.get(key)
         if isinstance(rel, str) and rel:
-            return _inside(base, rel) or None
+            return _inside(base, rel)  # never outside the artifact's folder (inside the run)
     stem = Path(filename).stem
     for name in (f"{stem}.requests.jsonl", f"{stem}_requests.jsonl", f"{stem}.jsonl"):
         if (base / name).is_file():
@@ -785,7 +815,8 @@ def tensor_parallel_gpus(artifact: dict[str, Any]) -> int:
     params = artifact.get("params") or {}
     config = params.get("config") if isinstance(params.get("config"), dict) else {}
     engine = artifact.get("engine") if isinstance(artifact.get("engine"), dict) else {}
-    for src in (params, config, engine):
+    tp_info = engine.get("tensor_parallel") if isinstance(engine.get("tensor_parallel"), dict) else {}
+    for src in (tp_info, params, config, engine):
         for key in ("tensor_parallel_gpus", "world_size", "tp"):
             v = _num(src.get(key))
             if v is not None and v >= 1:

@@ -344,7 +344,8 @@ def test_history_band_regressions_and_run_comparison(fixture_app) -> None:
     assert cmp.loc[("warmup", "ttft_ms_p99"), "change"] == "worse"
     at.selectbox(key="history-group").set_value("all runs").run()
     assert_clean(at)
-    assert len(arr(trace(figure(at, "over drills"), "measured")["y"])) == 4  # the CPU run joins
+    with_warmup = [r for r in data.load_reports([FIXTURES]).runs if r.step("warmup")]
+    assert len(arr(trace(figure(at, "over drills"), "measured")["y"])) == len(with_warmup) == 5
 
 
 # --- a broken run, an empty directory, live reloading ----------------------------------------------
@@ -558,3 +559,38 @@ def test_lab_dashboard_command_rejects_bad_flags_in_one_line(lab_cli, tmp_path) 
         r = lab_cli("dashboard", *argv, timeout=60)
         assert r.returncode == 2, (argv, r.stderr)
         assert fragment in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+TIERS = "20261126T040000Z-tiers"  # `lab compare-tiers` layout: tiers.json, tp8/ and tp1/
+
+
+def test_compare_tiers_layout_feeds_capacity_warmup_and_loadtest(fixture_app) -> None:
+    at = goto(fixture_app, "capacity", TIERS)
+    tiers = load(TIERS, "tiers.json")
+    fig = figure(at, "fraction of the multi-GPU tier")
+    bars = fig["data"][0]
+    expect = {k: v["ratio"] for k, v in tiers["ratios"].items() if v["ratio"] is not None}
+    assert dict(zip(bars["y"], arr(bars["x"]))) == pytest.approx(expect)
+    assert any(s.get("x0") == 0.52 for s in fig["layout"]["shapes"])  # the playbook's 52 % claim
+    used = [d.value for d in at.dataframe if "figure" in d.value.columns]
+    assert len(used) == 2  # both tiers planned: tp1/ and tp8/ load tests
+    gpus = [x.value for x in at.metric if x.label == "GPUs per replica"] or [
+        u.set_index("figure").loc["GPUs per replica", "value"] for u in used
+    ]
+    assert gpus == ["1", "8"]
+    goto(at, "warmup")
+    assert at.selectbox(key="warmup-artifact").options == ["tp1/warmup.json", "tp8/warmup.json"]
+    at.selectbox(key="warmup-artifact").set_value("tp8/warmup.json").run()
+    assert_clean(at)
+    assert (
+        metrics(at)["Decode tokens/s"]
+        == f"{load(TIERS, 'tp8/warmup.json')['summary']['decode_tokens_per_s']:.3g}"
+    )
+    goto(at, "loadtest")
+    assert at.selectbox(key="loadtest-artifact").value.startswith("tp1/load_test.json")
+    ok = [
+        r
+        for r in records(TIERS, "tp1/load_test.requests.jsonl")
+        if r["outcome"] == "ok" and r["phase"] == "measure"
+    ]
+    assert f"TTFT (n={len(ok)})" in [t["name"] for t in figure(at, "Latency CDFs")["data"]]

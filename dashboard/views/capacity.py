@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import data, ui
@@ -112,6 +113,67 @@ def plan_block(plan: CapacityPlan) -> None:
         st.caption("• " + n)
 
 
+def tiers_frame(tiers: dict[str, Any]) -> pd.DataFrame:
+    cols = ["metric", "meaning", "fallback", "multi", "ratio"]
+    rows = []
+    for name, r in (tiers.get("ratios") or {}).items():
+        if isinstance(r, dict):
+            rows.append(
+                {
+                    "metric": name,
+                    "meaning": r.get("meaning"),
+                    "fallback": num(r.get("fallback")),
+                    "multi": num(r.get("multi")),
+                    "ratio": num(r.get("ratio")),
+                }
+            )
+    return pd.DataFrame(rows, columns=cols)
+
+
+def tiers_figure(df: pd.DataFrame, playbook_tpj_ratio: float | None) -> go.Figure:
+    rows = df.dropna(subset=["ratio"])
+    fig = go.Figure(go.Bar(x=rows["ratio"], y=rows["metric"], orientation="h", name="fallback ÷ multi-GPU"))
+    fig.add_vline(x=1.0, line_dash="dash", annotation_text="equal")
+    if playbook_tpj_ratio is not None:
+        fig.add_vline(
+            x=playbook_tpj_ratio,
+            line_dash="dot",
+            line_color="#6a1b9a",
+            annotation_text=f"playbook tokens/joule {playbook_tpj_ratio:.0%}",
+        )
+    fig.update_layout(
+        title="Measured: the fallback as a fraction of the multi-GPU tier (same warm-up, same load)",
+        xaxis_title="fallback ÷ multi-GPU (latency: >1 is slower)",
+        height=140 + 34 * len(rows),
+    )
+    return fig
+
+
+def tiers_block(run: data.Run) -> None:
+    """`lab compare-tiers` measured both tiers under the same load: show its ratios."""
+    tiers = run.step("tiers")
+    if tiers is None:
+        return
+    st.subheader("Measured tier comparison (tiers.json)")
+    ui.status_line(tiers, run.file_of("tiers") or "tiers.json")
+    df = tiers_frame(tiers)
+    if df.empty:
+        st.info("tiers.json holds no ratios.")
+        return
+    s = tiers.get("summary") or {}
+    st.plotly_chart(tiers_figure(df, num(s.get("playbook_tokens_per_joule_ratio"))), key="capacity-tiers")
+    st.dataframe(df, hide_index=True)
+    for side in ("multi", "fallback"):
+        t = (tiers.get("tiers") or {}).get(side) or {}
+        lt = t.get("loadtest") if isinstance(t.get("loadtest"), dict) else {}
+        if lt.get("valid") is False:
+            st.warning(
+                f"The {side} tier's load test was INVALID: " + "; ".join(lt.get("invalid_reasons") or [])
+            )
+    ui.unavailable(tiers)
+    ui.download_csv(df, f"{run.run_id}-tiers.csv")
+
+
 def render() -> None:
     run = ui.current_run()
     ui.header(
@@ -192,6 +254,7 @@ def render() -> None:
             "capacity_per_gpu_ratio": "capacity per GPU (fallback ÷ multi-GPU)",
         }
         st.dataframe(pd.DataFrame([{"ratio": labels[k], "value": v} for k, v in r.items()]), hide_index=True)
+    tiers_block(run)
     if plans:
         table = pd.DataFrame([p.as_dict() for p in plans.values()])
         ui.download_csv(table, f"{run.run_id}-capacity-plan.csv")

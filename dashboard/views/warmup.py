@@ -170,9 +170,12 @@ def render() -> None:
     )
     if run is None:
         return
-    name = run.file_of("warmup")
-    ui.show_warnings(run, name or "warmup.json")
-    warmup = run.step("warmup")
+    found = run.by_kind("warmup")
+    ui.show_warnings(run, *([n for n, _ in found] or ["warmup.json"]))
+    name, warmup = found[0] if found else (None, None)
+    if len(found) > 1:  # e.g. lab compare-tiers: tp1/ and tpN/
+        name = st.selectbox("Warm-up artifact", [n for n, _ in found], key="warmup-artifact")
+        warmup = dict(found)[name]
     if warmup is None:
         ui.missing(
             run,
