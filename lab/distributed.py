@@ -732,6 +732,11 @@ def follow_engine(engine) -> dict[str, int]:
 
     dev, model = engine.device, engine.model
     counts = {"warmup": 0, "forward": 0, "decode": 0, "idle": 0}
+    if threading.current_thread() is threading.main_thread():
+        # torchrun forwards SIGTERM/SIGINT to every rank: a follower keeps stepping until the leader, which
+        # drains its in-flight requests first, says stop (a dead leader still ends it via the collectives).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     with torch.inference_mode():
         plan = broadcast_object(None)
         if plan.get("op") == "warmup":
@@ -743,7 +748,13 @@ def follow_engine(engine) -> dict[str, int]:
             while plan.get("op") != "stop":
                 op = plan.get("op")
                 if op == "forward":
-                    model_forward(model, dev, plan)
+                    prefill = getattr(engine, "prefill_fn", None)
+                    if prefill is not None and plan.get("logits_at") is not None:
+                        # The engine's own prefill callable (compiled at a fixed shape in compiled modes),
+                        # exactly as the leader calls it.
+                        prefill(model, *(_long(plan[k], dev) for k in ("tokens", "pos", "rows", "logits_at")))
+                    else:
+                        model_forward(model, dev, plan)
                 elif op == "decode":
                     tok, _ = engine.decode_fn(
                         model,
@@ -796,6 +807,12 @@ def model_forward(model, device, plan: dict[str, Any]):
         None if rows is None else torch.tensor(rows, dtype=torch.long, device=device),
         **kwargs,
     )
+
+
+def _long(values: list, device):
+    import torch
+
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 class _Null:
