@@ -32,17 +32,18 @@ def wait_all(reqs, timeout_s=30.0):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("chunk,gap_s", [(8, 0.004), (128, 0.0)])
-def test_continuous_batching_matches_solo_generation(model, chunk, gap_s):
+@pytest.mark.parametrize("chunk,gap_s,fixed", [(8, 0.004, False), (128, 0.0, False), (64, 0.0, True)])
+def test_continuous_batching_matches_solo_generation(model, chunk, gap_s, fixed):
     """Requests joining a running batch at different times, with chunked prefill (8) or several prompts
     prefilled in one right-padded forward (128, all at once), produce exactly the tokens each would get
-    alone (greedy)."""
+    alone (greedy). `fixed`: the compiled modes' fixed-shape prefill [4, 16] with scratch-row padding."""
     from lab.engine.generate import Generator
 
     prompts = [list(range(3, 40)), [5, 6, 7], [9] * 21, list(range(100, 111))]
     gen = Generator(model, "eager", 1, 128)
     solo = [gen.generate(torch.tensor([p]), 12).tokens[0].tolist() for p in prompts]
-    eng = make(model, prefill_chunk_tokens=chunk)
+    eng = make(model, prefill_chunk_tokens=chunk, prefill_fixed_shape=fixed)
+    assert eng.fixed_prefill is fixed
     try:
         reqs = []
         for p in prompts:

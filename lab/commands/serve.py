@@ -61,6 +61,13 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
         help="prompt tokens prefilled per engine tick; bounds the decode stall of running requests (default 512)",
     )
     g.add_argument(
+        "--prefill-rows",
+        type=positive_int,
+        default=4,
+        help="requests prefilled together per tick; compiled modes prefill at the fixed shape "
+        "[rows, chunk tokens / rows] (default 4)",
+    )
+    g.add_argument(
         "--mode",
         default="auto",
         help="decode step: auto (compile-cudagraphs on a GPU, eager on CPU), eager, compile, compile-cudagraphs",
@@ -99,6 +106,7 @@ def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
         long_context_window_s=args.long_context_window_s,
         max_gpu_memory_fraction=args.max_gpu_memory_fraction,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
+        prefill_rows=args.prefill_rows,
         mode=mode,
         step_delay_s=args.simulate_step_delay_ms / 1e3,
     )
@@ -133,6 +141,9 @@ def register(sub) -> None:
         help="on SIGTERM, wait this long for in-flight requests",
     )
     add_engine_args(p, max_seq_len_default=None)
+    from lab.distributed import add_tp_args
+
+    add_tp_args(p, tp_default=None)
     p.set_defaults(func=run)
 
 
@@ -152,7 +163,30 @@ def run(args) -> int:
     spec = resolve_spec(args.preset, args.model_path, resolve_device(args.device))
     max_seq = args.max_seq_len or min(4096, spec.args.max_seq_len)
     cfg = engine_config_from_args(args, args.max_new_tokens, max_seq)
-    engine, prepared = build_engine(args.preset, args.model_path, args.device, args.dtype, args.seed, cfg)
+    from lab.distributed import tp_from_env
+
+    tp = tp_from_env(args.tensor_parallel_gpus)
+    if tp > 1:
+        # The multi-GPU tier under torchrun (lab.distributed): rank 0 serves HTTP and schedules; the
+        # other ranks run each step it broadcasts until it stops.
+        from lab.distributed import build_engine_tp, follow_engine, is_rank0
+
+        engine, prepared = build_engine_tp(
+            args.preset,
+            args.model_path,
+            args.device,
+            args.dtype,
+            args.seed,
+            cfg,
+            tp,
+            args.dist_timeout_s,
+            args.allow_smaller_world,
+        )
+        if not is_rank0():
+            follow_engine(engine)
+            return 0
+    else:
+        engine, prepared = build_engine(args.preset, args.model_path, args.device, args.dtype, args.seed, cfg)
     tokenizer = load_tokenizer(prepared.spec.model_path, prepared.spec.args.vocab_size)
     name = args.model_name or prepared.spec.preset or "lab"
     app = create_app(engine, tokenizer, name, args.drain_timeout_s)

@@ -55,6 +55,10 @@ class EngineConfig:
     long_context_window_s: float = 4.0  # playbook: long-context batch windows >= 4 s apart
     max_gpu_memory_fraction: float = 0.8  # playbook: keep GPU memory below 80 %
     prefill_chunk_tokens: int = 512  # prompt tokens prefilled per tick (bounds decode stalls)
+    prefill_rows: int = 4  # requests prefilled together per tick at most
+    # Fixed-shape prefill [prefill_rows, prefill_chunk_tokens // prefill_rows], compiled like the decode
+    # step (eager prefill of a large model is launch-bound: ~4 decode steps). None: on in compiled modes.
+    prefill_fixed_shape: bool | None = None
     mode: str = "eager"  # eager, compile, compile-cudagraphs (the decode step)
     step_delay_s: float = 0.0  # drills/tests only: sleep per tick to simulate a slower GPU
 
@@ -67,6 +71,10 @@ class EngineConfig:
             (self.long_context_window_s >= 0, "--long-context-window-s must be >= 0"),
             (0 < self.max_gpu_memory_fraction <= 1, "--max-gpu-memory-fraction must be in (0, 1]"),
             (self.prefill_chunk_tokens >= 1, "--prefill-chunk-tokens must be >= 1"),
+            (
+                1 <= self.prefill_rows <= self.prefill_chunk_tokens,
+                "--prefill-rows must be between 1 and --prefill-chunk-tokens",
+            ),
             (self.max_seq_len >= 2, "--max-seq-len must be >= 2"),
             (
                 self.max_seq_len <= model_context,
@@ -132,8 +140,19 @@ class Engine:
         self.eos_id = eos_id
         cfg.validate(model.args.max_seq_len)
         check_mode(cfg.mode, self.device)
-        model.setup_caches(cfg.max_batch_size, cfg.max_seq_len)
+        self.fixed_prefill = (
+            cfg.mode != "eager" if cfg.prefill_fixed_shape is None else cfg.prefill_fixed_shape
+        )
+        self.prefill_width = cfg.prefill_chunk_tokens // cfg.prefill_rows
+        # A fixed-shape prefill fills its unused rows with throwaway work that writes one scratch cache
+        # row past the batch slots (no request ever reads it; the decode step covers slots 0..B-1 only).
+        self.scratch_row = cfg.max_batch_size
+        model.setup_caches(cfg.max_batch_size + (1 if self.fixed_prefill else 0), cfg.max_seq_len)
         self.decode_fn = compile_fn(decode_step, cfg.mode)
+        self.prefill_fn = prefill_logits
+        if self.fixed_prefill and cfg.mode != "eager":
+            # One static shape: plain compile (no CUDA graphs, so no second graph tree beside the decode).
+            self.prefill_fn = compile_fn(prefill_logits, "compile")
         self.memory_guard = _MemoryGuard(model, cfg, self.device)
         self.memory_guard.check_startup()
 
@@ -418,7 +437,14 @@ class Engine:
             work: list[tuple[Request, int, int]] = []
             width = 0
             for slot in list(self._prefilling):
+                if len(work) >= cfg.prefill_rows:
+                    break
                 req = self._slots[slot]
+                if self.fixed_prefill:
+                    work.append(
+                        (req, req._prefilled, min(req.prompt_len - req._prefilled, self.prefill_width))
+                    )
+                    continue
                 n = min(req.prompt_len - req._prefilled, budget)
                 w = max(width, n)
                 if work and (len(work) + 1) * w > budget:
@@ -429,22 +455,18 @@ class Engine:
             # One forward for every prefill chunk of this tick, right-padded to the longest. A pad writes
             # the cache at positions the row has not reached yet: later chunks or decode steps overwrite
             # them before any query can see them (the causal mask hides keys past the query position).
-            width = max(n for _, _, n in work)
-            last = cfg.max_seq_len - 1
-            toks = [req.prompt_ids[s : s + n] + [0] * (width - n) for req, s, n in work]
-            pos = [[min(s + j, last) for j in range(width)] for _, s, _ in work]
-            rows = [req._slot for req, _, _ in work]
-            logits_at = [n - 1 for _, _, n in work]
+            toks, pos, rows, logits_at = self._prefill_batch(work)
             if self.tp_leader:  # the follower ranks run the very same forward (lab.distributed)
                 from lab.distributed import forward_plan
 
                 self._send_plan(forward_plan(toks, pos, rows, logits_at))
-            logits = self.model(
+            logits = self.prefill_fn(
+                self.model,
                 torch.tensor(toks, dtype=torch.long, device=dev),
                 torch.tensor(pos, dtype=torch.long, device=dev),
-                torch.tensor(rows, device=dev),
-                logits_at=torch.tensor(logits_at, device=dev),
-            )[:, 0]
+                torch.tensor(rows, dtype=torch.long, device=dev),
+                torch.tensor(logits_at, dtype=torch.long, device=dev),
+            )
             done_rows = []
             for i, (req, s, n) in enumerate(work):
                 req._prefilled = s + n
@@ -496,6 +518,23 @@ class Engine:
                     r.t_first_token = now
                     self._emit(r, t, now)
 
+    def _prefill_batch(self, work: list[tuple[Request, int, int]]):
+        """The prefill forward's inputs: each chunk right-padded to the width; with a fixed shape, the
+        unused rows are throwaway work on the scratch row."""
+        last = self.config.max_seq_len - 1
+        width = self.prefill_width if self.fixed_prefill else max(n for _, _, n in work)
+        toks = [req.prompt_ids[s : s + n] + [0] * (width - n) for req, s, n in work]
+        pos = [[min(s + j, last) for j in range(width)] for _, s, _ in work]
+        rows = [req._slot for req, _, _ in work]
+        logits_at = [n - 1 for _, _, n in work]
+        if self.fixed_prefill:
+            spare = self.config.prefill_rows - len(work)
+            toks += [[0] * width] * spare
+            pos += [[min(j, last) for j in range(width)]] * spare
+            rows += [self.scratch_row] * spare
+            logits_at += [0] * spare
+        return toks, pos, rows, logits_at
+
     def _emit(self, req: Request, token: int, now: float) -> None:
         req.tokens.append(token)
         req.token_times.append(now)
@@ -536,17 +575,25 @@ class Engine:
 
     # --- warm-up and offline throughput --------------------------------------------------------------
     def warmup(self) -> float:
-        """Compile and capture the decode shape (3+ calls for CUDA graphs) and run prefill chunks, so
-        the first real request pays no compile. Leaves the cache contents irrelevant (overwritten)."""
+        """Compile and capture the decode shape (3+ calls for CUDA graphs) and the prefill, so the first
+        real request pays no compile. Leaves the cache contents irrelevant (overwritten)."""
         t0 = time.monotonic()
         b, dev = self.config.max_batch_size, self.device
-        n = min(8, self.config.prefill_chunk_tokens, self.config.max_seq_len - 1)
-        self.model(
-            torch.zeros(1, n, dtype=torch.long, device=dev),
-            torch.arange(n, device=dev)[None],
-            torch.tensor([0], device=dev),
-            last_only=True,
-        )
+        if self.fixed_prefill:
+            r, w = self.config.prefill_rows, self.prefill_width
+            calls = [(r, w, [self.scratch_row] * r)] * 3
+        else:
+            n = min(8, self.config.prefill_chunk_tokens, self.config.max_seq_len - 1)
+            calls = [(1, n, [0])]
+        for rows_n, width, rows in calls:
+            pos = torch.arange(width, device=dev).clamp(max=self.config.max_seq_len - 1).expand(rows_n, width)
+            self.prefill_fn(
+                self.model,
+                torch.zeros(rows_n, width, dtype=torch.long, device=dev),
+                pos.contiguous(),
+                torch.tensor(rows, dtype=torch.long, device=dev),
+                torch.full((rows_n,), width - 1, dtype=torch.long, device=dev),
+            )
         cur = torch.zeros(b, 1, dtype=torch.long, device=dev)
         for i in range(4 if self.config.mode == "eager" else 5):
             pos = torch.full((b, 1), i, dtype=torch.long, device=dev)
@@ -555,6 +602,11 @@ class Engine:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.monotonic() - t0
+
+
+def prefill_logits(model: Transformer, tokens, input_pos, rows, logits_at):
+    """The prefill forward: one logits row per request, at its last real (unpadded) token."""
+    return model(tokens, input_pos, rows, logits_at=logits_at)[:, 0]
 
 
 def _sample_rows(logits: torch.Tensor, temps: list[float], greedy: torch.Tensor | None = None):
