@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -84,12 +85,25 @@ def server():
         _wait_healthy(url, proc)
         yield url, port, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        # `lab dashboard` execs into the server, so this is its process group: nothing is left behind
+        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def test_lab_dashboard_is_the_server_process(server) -> None:
+    import psutil
+
+    proc = psutil.Process(server[2].pid)
+    assert "streamlit" in " ".join(proc.cmdline())  # exec'd: a signal to `lab dashboard` reaches the server
+    assert not proc.children()
 
 
 def test_server_binds_loopback_only(server) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -90,7 +89,13 @@ def run(args) -> int:
     print(f"lab dashboard: http://{args.host}:{args.port}  (reading {shown}; Ctrl-C stops it)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lab dashboard: note: bound to {args.host}, reachable from the network", file=sys.stderr)
+    sys.stderr.flush()
+    # Become the Streamlit server (exec, not a child): Ctrl-C, SIGTERM from a service manager or a test
+    # reach it directly, and no server is left behind when this process is stopped.
+    os.chdir(REPO_ROOT)
+    cmd = build_command(args.host, args.port)
     try:
-        return subprocess.call(build_command(args.host, args.port), env=env, cwd=REPO_ROOT)
-    except KeyboardInterrupt:
-        return 0
+        os.execve(cmd[0], cmd, env)
+    except OSError as e:
+        raise LabError(f"cannot start streamlit ({e.strerror or e}); reinstall with `make setup`") from None
+    return 0  # not reached
