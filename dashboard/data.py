@@ -40,7 +40,6 @@ ARTIFACT_MODULES = (
     "lab.expectations",
     "lab.commands.compare_tiers",
 )
-OUTCOMES = ("ok", "rejected_queue_full", "timed_out_in_queue", "error", "cancelled")
 
 # Direction of "better" for metrics without an expectation entry saying so.
 _HIGHER = ("_per_s", "tokens_per_joule", "mbu", "goodput", "slo_attainment", "qps", "speedup", "agreement")
@@ -273,7 +272,13 @@ def load_run(run_dir: Path, source: str, run_id: str | None = None) -> Run:
 def load_reports(dirs: Sequence[Path]) -> Reports:
     model_notes = register_artifact_models()
     found, notes = discover(dirs)
-    runs = [load_run(path, src) for path, src in found]
+    runs = []
+    for path, src in found:
+        run = load_run(path, src)
+        if run.artifacts or run.warnings:
+            runs.append(run)
+        else:  # JSON that is not a lab artifact (benchmark outputs, configs): not a drill report
+            notes.append(f"{path}: no lab artifacts, not shown")
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.run_id] = counts.get(r.run_id, 0) + 1

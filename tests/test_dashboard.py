@@ -594,3 +594,12 @@ def test_compare_tiers_layout_feeds_capacity_warmup_and_loadtest(fixture_app) ->
         if r["outcome"] == "ok" and r["phase"] == "measure"
     ]
     assert f"TTFT (n={len(ok)})" in [t["name"] for t in figure(at, "Latency CDFs")["data"]]
+
+
+def test_folders_without_lab_artifacts_are_not_runs(tmp_path) -> None:
+    (tmp_path / "perf").mkdir()
+    (tmp_path / "perf" / "perf_decode_h100.json").write_text('{"tokens_per_s": 1.0}')  # a benchmark output
+    shutil.copytree(FIXTURES / LATEST, tmp_path / LATEST)
+    r = data.load_reports([tmp_path])
+    assert [x.run_id for x in r.runs] == [LATEST]
+    assert any("perf: no lab artifacts" in n for n in r.notes)
