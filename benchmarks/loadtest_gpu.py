@@ -85,6 +85,9 @@ def main() -> int:
         max_new_tokens=max(128, args.sweep_new_tokens),
         max_queue=64,
         queue_timeout_s=5.0,
+        # Prompts are <= 64 tokens: prefill two of them per tick at the fixed compiled shape [2, 64].
+        prefill_chunk_tokens=128,
+        prefill_rows=2,
         mode=args.mode,
     )
     engine, prepared = build_engine(args.preset, args.model_path, args.device, args.dtype, 0, ecfg)
