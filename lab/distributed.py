@@ -472,7 +472,7 @@ class _Watchdog:
         self.peers: dict[int, tuple[str | None, float, int]] = {
             r: (None, now, 0) for r in range(ctx.world_size) if r != ctx.rank
         }
-        self.progress_since: dict[int, float] = {}
+        self.progress_since: dict[tuple[int, int], float] = {}  # (rank, pass) -> first seen behind
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="lab-rank-watchdog", daemon=True)
 
@@ -497,7 +497,24 @@ class _Watchdog:
             if fault:
                 sys.stderr.write(f"lab: error: rank {self.ctx.rank}: {fault}; ending this rank\n")
                 sys.stderr.flush()
+                self._await_flight_recorder()
                 os._exit(EXIT_RANK_FAULT)
+
+    def _limit_s(self) -> float:
+        # On NCCL this fires a little before the NCCL watchdog's own timeout, so the line naming the rank
+        # is printed before NCCL tears the process down (after dumping the flight recorder).
+        return self.ctx.timeout_s * (0.9 if self.ctx.backend == "nccl" else 1.0)
+
+    def _await_flight_recorder(self) -> None:
+        """NCCL: give the NCCL watchdog time to time out and dump this rank's flight recorder (it then
+        aborts the process itself); gloo has none."""
+        path = self.ctx.env.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+        if self.ctx.backend != "nccl" or not path:
+            return
+        deadline = time.monotonic() + self.ctx.timeout_s * 0.1 + 15
+        while time.monotonic() < deadline and not os.path.exists(f"{path}{self.ctx.rank}"):
+            time.sleep(0.5)
+        time.sleep(1.0)  # let a dump in progress finish
 
     def _read_peers(self) -> None:
         now = time.monotonic()
@@ -509,12 +526,12 @@ class _Watchdog:
             self.peers[r] = (value, now if value != last else since, progress)
 
     def _fault(self) -> str | None:
-        now, limit = time.monotonic(), self.ctx.timeout_s
+        now, limit = time.monotonic(), self._limit_s()
         for r, (last, since, _) in sorted(self.peers.items()):
             if now - since > limit:
                 what = "no heartbeat since launch" if last is None else "no heartbeat"
                 return (
-                    f"rank {r} is not responding ({what} for {now - since:.1f} s, deadline {limit:g} s): "
+                    f"rank {r} is not responding ({what} for {now - since:.1f} s, deadline {limit:.3g} s): "
                     "it died, was killed or is frozen"
                 )
         # Stalled: some rank behind the most advanced one, with no progress for the deadline.
@@ -526,7 +543,7 @@ class _Watchdog:
                 if now - self.progress_since[(r, p)] > limit:
                     who = "this rank" if r == self.ctx.rank else f"rank {r}"
                     return (
-                        f"rank {r} is hung: {who} stayed at forward pass {p} for {limit:g} s while another "
+                        f"rank {r} is hung: {who} stayed at forward pass {p} for {limit:.3g} s while another "
                         f"rank reached pass {top}"
                     )
         return None
