@@ -28,7 +28,13 @@ from lab.results import EXPECTATIONS_FILE, MANIFEST_FILE, STEP_FILES, ArtifactEr
 ENV_VAR = "LAB_DASHBOARD_REPORTS"  # os.pathsep-separated report directories (set by `lab dashboard`)
 DEFAULT_DIRS = (REPO_ROOT / "reports", REPO_ROOT / "reports" / "examples")
 KNOWN_FILES = {*STEP_FILES.values(), MANIFEST_FILE, EXPECTATIONS_FILE}
-STEP_KINDS = {"health": "health", "warmup": "warmup", "compare": "compare", "loadtest": "loadtest"}
+STEP_KINDS = {
+    "health": "health",
+    "warmup": "warmup",
+    "compare": "compare",
+    "loadtest": "loadtest",
+    "tiers": "tiers",
+}
 REQUEST_FILE_FIELDS = ("requests_file", "requests_path", "per_request_file", "requests_jsonl")
 # Modules whose `@register`ed models validate each kind strictly (else the base Artifact checks the envelope).
 ARTIFACT_MODULES = (
