@@ -228,7 +228,7 @@ def test_compare_tiers_runs_both_tiers_and_counts_tokens_once(tmp_path, lab_cli)
     r = lab_cli(
         *("compare-tiers", "--preset", "tiny", "--device", "cpu", "--tensor-parallel-gpus", "2"),
         *("--out", str(out), "--iters", "2", "--prompt-len", "8", "--max-new-tokens", "8", "--no-roofline"),
-        *("--duration", "4", "--target-qps", "4", "--load-max-new-tokens", "6"),
+        *("--duration", "3", "--target-qps", "4", "--load-max-new-tokens", "6"),
         *("--prompt-len-min", "8", "--prompt-len-max", "12", "--warmup-s", "0.5", "--cooldown-s", "0.5"),
         *("--max-batch-size", "4", "--min-requests", "1", "--max-dispatch-lag-ms", "1000"),
         env={"OMP_NUM_THREADS": "1"},
@@ -285,3 +285,81 @@ def test_compare_tiers_from_missing_reports_fails_with_reasons(tmp_path, lab_cli
 def test_compare_tiers_refuses_a_world_the_model_cannot_split(lab_cli):
     r = lab_cli("compare-tiers", "--preset", "tiny", "--device", "cpu", "--tensor-parallel-gpus", "3")
     assert r.returncode == 2 and "cannot be split over 3 GPUs" in r.stderr
+
+
+# --- the load test and the server under torchrun ------------------------------------------------------------
+
+
+def test_loadtest_under_torchrun_reports_once_and_counts_tokens_once(tmp_path):
+    from lab.loadtest.session import read_requests
+    from lab.results import read_artifact
+
+    out = tmp_path / "load_test.json"
+    proc, _ = _torchrun(
+        2,
+        *("-m", "lab", "loadtest", "--preset", "tiny", "--device", "cpu", "--expected-world-size", "2"),
+        *("--duration", "2", "--target-qps", "4", "--max-new-tokens", "5", "--prompt-len-min", "8"),
+        *("--prompt-len-max", "12", "--max-batch-size", "4", "--min-requests", "1", "--no-progress"),
+        *("--max-dispatch-lag-ms", "1000", "--output-json", str(out)),
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("load test: VALID") == 1  # rank 0 alone reports
+    art = read_artifact(out)
+    rows = read_requests(tmp_path / "load_test.requests.jsonl")
+    assert rows and all(r["outcome"] == "ok" and r["output_tokens"] == 5 for r in rows)
+    # Every token counted once (rank 0's engine), not once per rank.
+    assert art.engine["stats"]["tokens_generated"] == sum(r["output_tokens"] for r in rows)
+    assert art.engine["tensor_parallel"]["tensor_parallel_gpus"] == 2
+
+
+def test_server_under_torchrun_answers_like_one_gpu_and_drains_on_sigterm(tmp_path):
+    import signal
+    import socket
+
+    import httpx
+
+    from lab.engine.generate import Generator
+    from lab.model import prepare
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [*TORCHRUN, "--nproc_per_node=2", "-m", "lab", "serve", "--preset", "tiny", "--device", "cpu"]
+    cmd += ["--port", str(port), "--max-batch-size", "4", "--max-seq-len", "64"]
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 6, "temperature": 0},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        ref = prepare("tiny", None, "cpu", "float32", 0, 1, 16)
+        want = (
+            Generator(ref.model, "eager", 1, 16).generate(torch.tensor([[1, 2, 3, 4]]), 6).tokens[0].tolist()
+        )
+        assert r.json()["choices"][0]["token_ids"] == want
+        os.killpg(proc.pid, signal.SIGTERM)  # as a supervisor stops the unit: every process gets it
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "lab serve: drained" in text, text[-3000:]
+    assert text.count("lab serve: tiny") == 1  # rank 0 alone serves
