@@ -220,6 +220,7 @@ def test_loadtest_against_the_endpoint(serve, tmp_path):
     assert ok and all(r["output_tokens"] == 3 and len(r["token_times"]) == 3 for r in ok)
     assert all(r["prompt_tokens"] == r["prompt_tokens"] for r in ok)
     assert "power" in art.unavailable  # the endpoint may be remote: not measured, and said so
+    assert sm["queue_wait_ms_count"] == 0 and "queue_wait_ms" in art.unavailable
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path):

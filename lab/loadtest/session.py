@@ -139,6 +139,11 @@ def run_loadtest(
     art.timeline = run.timeline
     art.telemetry = run.telemetry
     art.unavailable.update(run.unavailable)
+    if cfg.endpoint:
+        art.unavailable.setdefault(
+            "queue_wait_ms",
+            "not visible to an HTTP client: the server does not report when it admitted a request",
+        )
     for key in ("tokens_per_joule", "energy_j", "power_w_mean", "peak_memory_gb"):
         if art.summary.get(key) is None:
             art.unavailable.setdefault(key, art.unavailable.get("energy") or "not measured on this device")
