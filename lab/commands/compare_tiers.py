@@ -73,8 +73,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="reports/tiers", help="report directory (default reports/tiers)")
     p.add_argument(
         "--fallback-gpu",
-        default="0",
-        help="CUDA_VISIBLE_DEVICES for the single-GPU fallback tier (default 0, as in the playbook)",
+        default=None,
+        help="CUDA_VISIBLE_DEVICES for the single-GPU fallback tier (default: the first visible GPU, "
+        "0 as in the playbook when CUDA_VISIBLE_DEVICES is unset)",
     )
     p.add_argument(
         "--from-reports",
@@ -258,7 +259,9 @@ def run_both(args, out: Path) -> TiersArtifact:
     from lab.model import resolve_device
 
     if resolve_device(args.device).type == "cuda":
-        fallback_env["CUDA_VISIBLE_DEVICES"] = args.fallback_gpu  # the playbook pins the fallback to one GPU
+        visible = [x for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+        # The playbook pins the fallback to one GPU (export CUDA_VISIBLE_DEVICES=0).
+        fallback_env["CUDA_VISIBLE_DEVICES"] = args.fallback_gpu or (visible[0] if visible else "0")
     multi_dir, fallback_dir = out / f"tp{n}", out / "tp1"
     runs = {
         "multi": run_tier(args, n, multi_dir, multi_env),
@@ -503,3 +506,36 @@ def run_tier_worker(args) -> int:
         file=sys.stderr,
     )
     return 0 if wart.status == "ok" and lart.verdict.get("valid") else 1
+
+
+# --- the drill's option ---------------------------------------------------------------------------------
+
+
+def compare_into_report(report_dir: Path, n: int, params: dict[str, Any], profile=None) -> TiersArtifact:
+    """`lab drill --compare-tiers N`: run both tiers with the drill's model flags into the report directory
+    (tiers.json beside the notebooks' artifacts), then judge expectations again so the profile's
+    `tiers.*` metrics count, and record the new verdict in the manifest."""
+    from lab.cli import build_parser
+    from lab.results import MANIFEST_FILE, read_artifact, write_artifact
+
+    argv = ["compare-tiers", "--tensor-parallel-gpus", str(n), "--out", str(report_dir)]
+    for flag in ("preset", "model_path", "device", "dtype", "seed"):
+        if params.get(flag) not in (None, ""):
+            argv += [f"--{flag.replace('_', '-')}", str(params[flag])]
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    art = run_both(args, Path(report_dir))
+    write_artifact(Path(report_dir) / TIERS_FILE, art)
+    if profile is not None:
+        from lab.expectations import write_evaluation
+
+        try:
+            verdict = write_evaluation(Path(report_dir), profile).verdict
+        except LabError as e:
+            verdict = f"not evaluated: {e}"
+        manifest_path = Path(report_dir) / MANIFEST_FILE
+        if manifest_path.exists():
+            manifest = read_artifact(manifest_path)
+            manifest.expectations_verdict = verdict
+            write_artifact(manifest_path, manifest)
+    return art

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lab.commands._common import nonneg_int, positive_float
+from lab.commands._common import nonneg_int, positive_float, positive_int
 
 DRILL_HELP = """Runs notebooks/01_health_check, 02_warmup, 03_eager_vs_compiled and 04_load_test with papermill
 into OUTPUT_DIR/<run-id>/ (run id: UTC timestamp and host): executed notebooks, one JSON artifact per
@@ -68,6 +68,14 @@ def register(sub) -> None:
         action="store_true",
         help="torch.profiler trace of the warmup and loadtest notebooks into REPORT/traces/ (Perfetto)",
     )
+    p.add_argument(
+        "--compare-tiers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="after the notebooks, run the same warm-up and load on the multi-GPU tier (TP=N under "
+        "torchrun) and on one GPU into the report (tiers.json, lab compare-tiers), then judge expectations",
+    )
     p.set_defaults(func=run)
 
 
@@ -105,8 +113,16 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     manifest = run_drill(plan, progress=lambda line: print(line, flush=True))
+    tiers_failed = False
+    if args.compare_tiers:
+        from lab.commands.compare_tiers import compare_into_report, describe
+
+        print(f"[tiers] compare-tiers: TP={args.compare_tiers} vs one GPU ...", flush=True)
+        tiers = compare_into_report(plan.report_dir, args.compare_tiers, plan.params, profile)
+        print(describe(tiers), flush=True)
+        tiers_failed = tiers.status != "ok"
     ok = sum(s.status == "ok" for s in manifest.steps)
-    failed = [s.step for s in manifest.steps if s.status == "failed"]
+    failed = [s.step for s in manifest.steps if s.status == "failed"] + (["tiers"] if tiers_failed else [])
     took = (manifest.finished_at - manifest.started_at).total_seconds() if manifest.finished_at else 0.0
     print(f"drill: {'ok' if not failed else 'FAILED'} ({ok} ok, {len(failed)} failed) in {took:.0f} s")
     from lab.expectations import read_evaluation
