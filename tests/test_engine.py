@@ -89,14 +89,14 @@ def test_queue_timeout_rejects_waiting_requests(model):
         assert first.outcome == "ok"
         assert late.outcome == "timed_out_in_queue"
         assert late.t_admitted is None and late.tokens == []
-        assert 0.2 <= late.t_done - late.t_submitted < 0.6
+        assert 0.2 <= late.t_done - late.t_submitted < 2.0  # loose: shared CI machines
         assert "--queue-timeout-s" in late.reason
     finally:
         eng.stop()
 
 
 def test_long_context_lane_admits_in_windows(model):
-    eng = make(model, long_context_tokens=16, long_context_window_s=0.5, queue_timeout_s=5)
+    eng = make(model, long_context_tokens=16, long_context_window_s=1.0, queue_timeout_s=5)
     try:
         a = eng.submit(Request(list(range(30)), 2))
         wait_all([a])
@@ -105,8 +105,8 @@ def test_long_context_lane_admits_in_windows(model):
         wait_all([b, short])
         assert a.long_context and b.long_context and not short.long_context
         # b had free slots all along but waits for the next window; the short one does not wait.
-        assert b.t_admitted - a.t_admitted >= 0.5
-        assert short.t_admitted - short.t_submitted < 0.3
+        assert b.t_admitted - a.t_admitted >= 1.0
+        assert short.t_admitted - short.t_submitted < 0.8
         assert b.outcome == "ok"
     finally:
         eng.stop()

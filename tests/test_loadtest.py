@@ -199,10 +199,14 @@ def test_latency_counts_from_the_scheduled_time_when_the_engine_is_slow(model, t
     for r in ok:
         assert r["e2e_ms"] == pytest.approx((r["t_done"] - r["t_scheduled"]) * 1e3, abs=0.01)
         assert r["e2e_ms"] >= r["queue_wait_ms"] >= r["dispatch_lag_ms"]
-    service_ms = max((r["t_done"] - r["t_admitted"]) * 1e3 for r in ok)
-    last = ok[-1]
-    assert last["e2e_ms"] > 2 * service_ms  # the wait in the queue is in the latency
-    assert art.summary["e2e_ms_p99"] > 2 * service_ms
+    # The generator kept sending on schedule (it did not wait for the slow engine) ...
+    lags = sorted(r["dispatch_lag_ms"] for r in ok)
+    waits = [r["queue_wait_ms"] for r in ok]
+    assert lags[len(lags) // 2] < 50
+    # ... so the backlog shows up as queue wait, growing request after request, inside the latency.
+    assert waits[-1] > waits[0] + 200
+    assert ok[-1]["e2e_ms"] >= waits[-1] + (ok[-1]["t_done"] - ok[-1]["t_admitted"]) * 1e3 - 0.01
+    assert art.summary["e2e_ms_max"] >= ok[-1]["e2e_ms"] - 0.01
 
 
 def test_sweep_list_records_the_curve(model, tmp_path):
