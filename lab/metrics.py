@@ -56,6 +56,13 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "lab_slo_attainment_ratio": ("Fraction of requests meeting every SLO.", ()),
     "lab_loadtest_requests": ("Load test requests by outcome in the last drill.", ("outcome",)),
     "lab_loadtest_valid": ("1 when the load test verdict is VALID.", ()),
+    "lab_itl_seconds": ("Inter-token latency, by quantile.", ("quantile",)),
+    "lab_queue_wait_seconds": ("Time a request waited for admission, by quantile.", ("quantile",)),
+    "lab_memory_headroom_bytes": ("Planned free GPU memory for the drill's model and load.", ()),
+    "lab_nvlink_active_links_min": ("Fewest active NVLink links on any visible GPU.", ()),
+    "lab_ecc_uncorrected_errors": ("Uncorrected volatile ECC errors over the visible GPUs.", ()),
+    "lab_collective_bus_bandwidth_bytes_per_second": ("All-reduce bus bandwidth of the health probe.", ()),
+    "lab_fallback_vs_multi_gpu_ratio": ("The fallback as a fraction of the multi-GPU tier.", ("quantity",)),
     "lab_compare_speedup_ratio": ("Decode speedup of a method against eager (eager = 1).", ("method",)),
     "lab_compare_decode_tokens_per_second": ("Aggregate decode tokens/s per method.", ("method",)),
     "lab_compare_compile_seconds": ("Compile / capture time per method.", ("method",)),
@@ -81,6 +88,18 @@ SERIES: tuple[Series, ...] = (
     _q("loadtest", "e2e_ms_p50", "lab_e2e_latency_seconds", "0.5"),
     _q("loadtest", "e2e_ms_p99", "lab_e2e_latency_seconds", "0.99"),
     _q("loadtest", "dispatch_lag_ms_p99", "lab_dispatch_lag_seconds", "0.99"),
+    _q("loadtest", "itl_ms_p50", "lab_itl_seconds", "0.5"),
+    _q("loadtest", "itl_ms_p99", "lab_itl_seconds", "0.99"),
+    _q("loadtest", "queue_wait_ms_p50", "lab_queue_wait_seconds", "0.5"),
+    _q("loadtest", "queue_wait_ms_p99", "lab_queue_wait_seconds", "0.99"),
+    Series("health", "memory_headroom_gb", "lab_memory_headroom_bytes", 1e9),
+    Series("health", "nvlink_active_links_min", "lab_nvlink_active_links_min"),
+    Series("health", "ecc_uncorrected_volatile_total", "lab_ecc_uncorrected_errors"),
+    Series("health", "collective_busbw_gbps", "lab_collective_bus_bandwidth_bytes_per_second", 1e9),
+    *(
+        Series("tiers", f"{q}_ratio", "lab_fallback_vs_multi_gpu_ratio", 1.0, (("quantity", q),))
+        for q in ("tokens_per_s", "p99_latency", "tokens_per_joule")
+    ),
     Series("loadtest", "output_tokens_per_s", "lab_output_tokens_per_second"),
     Series("loadtest", "target_qps", "lab_target_requests_per_second"),
     Series("loadtest", "achieved_qps", "lab_achieved_requests_per_second"),
@@ -164,6 +183,11 @@ class _Families:
             fam = self.families[name] = Metric(name, help_, kind)
         fam.add_sample(name, labels, float(value))
 
+    def count(self, name: str, value: float, **labels: str) -> None:
+        fam = self.families[name]
+        if not any(x.name == f"{name}_count" and x.labels == labels for x in fam.samples):
+            fam.add_sample(f"{name}_count", labels, float(value))
+
     def collect(self):
         yield from self.families.values()
 
@@ -185,6 +209,14 @@ def build_registry(report_dir: str | Path, profile: Profile | None = None):
         if value is None:
             continue
         fams.add(s.name, FAMILIES[s.name][0], value * s.scale, step=s.step, **dict(s.labels))
+        # A summary's sample count, where the artifact states it (e.g. ttft_ms_count).
+        count = (
+            _num(art.summary.get(s.key.rsplit("_p", 1)[0] + "_count"))
+            if "quantile" in dict(s.labels)
+            else None
+        )
+        if count is not None:
+            fams.count(s.name, count, step=s.step)
 
     health = data.artifacts.get("health")
     if health is not None and health.status == "ok":

@@ -37,6 +37,7 @@ LOADTEST = {
     "tpot_ms_p99": 60.0,
     "e2e_ms_p50": 900.0,
     "e2e_ms_p99": 2400.0,
+    "e2e_ms_count": 60,
     "dispatch_lag_ms_p99": 0.4,
     "goodput_rps": 2.9,
     "slo_attainment": 0.97,

@@ -64,6 +64,7 @@ def test_textfile_export_is_valid_and_in_base_units(report, tmp_path, lab_cli):
     assert s["lab_drill_last_success_timestamp_seconds"] == s["lab_drill_last_run_timestamp_seconds"] > 1.7e9
     assert s['lab_expectation_status{metric="decode_tokens_per_s"}'] == 0
     assert "# TYPE lab_ttft_seconds summary" in text
+    assert s['lab_e2e_latency_seconds_count{step="loadtest"}'] == 60
     # Bounded labels only: never a run id or a path.
     labels = {kv.split("=")[0] for name in s for kv in name.partition("{")[2].rstrip("}").split(",") if kv}
     assert labels <= {"step", "quantile", "outcome", "trigger", "metric", "method"}
@@ -85,6 +86,19 @@ def test_failed_drill_keeps_the_last_success_from_an_earlier_report(tmp_path):
     only = make_report(tmp_path / "x", "lonely", manifest_status="failed")
     s = samples(generate_latest(build_registry(only)).decode())
     assert s["lab_drill_last_success_timestamp_seconds"] == 0.0
+
+
+def test_tier_comparison_is_exported(tmp_path):
+    from prometheus_client import generate_latest
+
+    from tests.drill_fixtures import step_artifact
+
+    d = make_report(tmp_path)
+    step_artifact(d / "tiers.json", {"tokens_per_joule_ratio": 0.55, "p99_latency_ratio": 1.8})
+    text = generate_latest(build_registry(d)).decode()
+    s = samples(text)
+    assert s['lab_fallback_vs_multi_gpu_ratio{quantity="tokens_per_joule",step="tiers"}'] == 0.55
+    assert promtool("check", "metrics", stdin=text).returncode == 0
 
 
 def test_unmeasured_values_are_absent_not_zero(tmp_path):
