@@ -247,6 +247,11 @@ def describe(art: LoadTestArtifact, path: str | Path | None = None) -> str:
         f"  goodput {f('goodput_rps', ' req/s', 2)}, SLO attainment {f('slo_attainment', '', 3)}; dispatch lag p99 "
         f"{f('dispatch_lag_ms_p99', ' ms', 3)}; tokens/J {f('tokens_per_joule', '', 2)}",
     ]
+    n = s.get("e2e_ms_count") or 0
+    if 0 < n < 100:
+        lines.append(
+            f"  note: {n} samples, so p99 is interpolated toward the max; lengthen --duration for a firmer tail"
+        )
     if "max_qps_meeting_slo" in s:
         lines.append(f"  sweep: max QPS meeting the SLOs = {f('max_qps_meeting_slo', '', 2)}")
     lines.extend(f"  INVALID: {r}" for r in art.verdict.get("reasons", []))
