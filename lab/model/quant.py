@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lab import kernels
+
 QUANT_KINDS = ("fp8", "int8")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0
@@ -28,6 +30,10 @@ class WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels.wo_gemv_applies(x, self.weight, self.scales):
+            # Decode (<= 16 rows on CUDA): the Triton GEMV reads each 8-bit weight once (lab.kernels).
+            y = kernels.wo_gemv_op(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
 
