@@ -545,7 +545,9 @@ def run_step(plan: DrillPlan, sp: StepPlan) -> StepRecord:
             start_timeout=120,
             progress_bar=False,
             log_output=False,
-            cwd=str(sp.notebook.parent),
+            # The project root for notebooks/ (as `papermill notebooks/0N_*.ipynb` run from it): relative
+            # defaults such as the compile cache land where `lab warmup` finds them.
+            cwd=str(sp.notebook.parent.parent),
             kernel_manager_class=_kernel_manager_class(plan.child_env, log),
         )
     except pm.PapermillExecutionError as e:

@@ -37,16 +37,15 @@ class GateResult:
         return EXIT_VIOLATED if self.violations else EXIT_OK
 
 
-def _profile_for(report_dir: Path, name: str | None) -> Profile | None:
-    if name:
-        return load_profile(name)
-    data = load_report(report_dir)
-    recorded = (data.manifest or {}).get("profile_path") or (data.manifest or {}).get("profile")
-    if recorded:
-        try:
-            return load_profile(recorded)
-        except LabError:
-            return load_profile(str((data.manifest or {}).get("profile")))
+def _recorded_profile(path: str | None, name: str | None) -> Profile | None:
+    """The profile a report was evaluated with: its file if still there (it may come from another
+    host), else the shipped profile of that name."""
+    for candidate in (path, name):
+        if candidate:
+            try:
+                return load_profile(candidate)
+            except LabError:
+                continue
     return None
 
 
@@ -56,12 +55,9 @@ def _evaluation(report_dir: Path, profile_name: str | None) -> tuple[Expectation
         return evaluate(report_dir, profile), profile
     stored = read_evaluation(report_dir)
     if stored is not None:
-        try:
-            profile = load_profile(stored.profile_path or stored.profile)
-        except LabError:
-            profile = None
-        return stored, profile
-    profile = _profile_for(report_dir, None)
+        return stored, _recorded_profile(stored.profile_path, stored.profile)
+    manifest = load_report(report_dir).manifest or {}
+    profile = _recorded_profile(manifest.get("profile_path"), manifest.get("profile"))
     if profile is None:
         raise LabError(
             f"{report_dir} has no expectations.json and no drill manifest naming a profile; pass --profile NAME"

@@ -91,3 +91,18 @@ def test_calibrate_writes_a_profile_the_report_passes(tmp_path, lab_cli):
     assert raw["provisional"] is False and prof.metrics["decode_tokens_per_s"].expected == 160.0
     assert prof.metrics["peak_memory_gb"].expected == 17.0
     assert gate(d, profile=str(out)).exit_code == 0
+
+
+def test_report_from_another_host_falls_back_to_the_shipped_profile(tmp_path):
+    import json
+
+    from lab.expectations import write_evaluation
+
+    d = make_report(tmp_path)
+    write_evaluation(d, load_profile("b200-gpt40b"))
+    data = json.loads((d / "expectations.json").read_text())
+    data["profile_path"] = "/elsewhere/lab/expectations/b200-gpt40b.yaml"
+    (d / "expectations.json").write_text(json.dumps(data))
+    res = gate(d, baseline=d)
+    assert res.exit_code == 0 and res.profile == "b200-gpt40b"
+    assert any("metric(s) compared" in n for n in res.notes)
