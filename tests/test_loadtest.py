@@ -181,15 +181,15 @@ def test_overload_rejects_and_times_out_and_every_request_is_accounted(model, tm
 
 
 def test_latency_counts_from_the_scheduled_time_when_the_engine_is_slow(model, tmp_path):
-    """One slot, ~0.15 s of service per request, an arrival every 0.1 s: the queue grows. A closed-loop
-    tester would report ~0.15 s for everyone; here the waiting shows."""
+    """One slot, >= 0.2 s of service per request (4 ticks of 50 ms), an arrival every 0.1 s: the queue
+    grows. A closed-loop tester would report ~0.2 s for everyone; here the waiting shows."""
     from lab.loadtest.session import run_loadtest
 
     eng = engine(model, max_batch_size=1, max_queue=100, queue_timeout_s=60, step_delay_s=0.05)
     try:
         out = tmp_path / "lt.json"
         cfg = quick(
-            duration_s=2.4, target_qps=10, pattern="constant", max_new_tokens=2, warmup_s=0.3, cooldown_s=0.3
+            duration_s=2.4, target_qps=10, pattern="constant", max_new_tokens=4, warmup_s=0.3, cooldown_s=0.3
         )
         art = run_loadtest(cfg, eng, output_json=out)
     finally:
