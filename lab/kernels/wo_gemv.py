@@ -90,24 +90,27 @@ def _wo_gemv_fma_kernel(
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_full = (K // BLOCK_K) * BLOCK_K
+    # Rows past N are loaded masked without a fill value: each output row reads only its own W row, and
+    # those rows are never stored.
     for k0 in range(0, k_full, BLOCK_K):  # full tiles: no K mask
-        w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=n_mask[:, None])
         x = tl.load(x_ptr + k0 + offs_k)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     if k_full < K:  # ragged tail
         k_mask = (k_full + offs_k) < K
-        w = tl.load(w_ptrs + k_full, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + k_full, mask=n_mask[:, None] & k_mask[None, :])
         x = tl.load(x_ptr + k_full + offs_k, mask=k_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        # Zero the masked lanes after the cast (never 8-bit fill values; unfilled lanes may hold NaN bits).
+        acc += tl.where(k_mask[None, :], w.to(tl.float32), 0.0) * x.to(tl.float32)[None, :]
     out = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
-def _mma(w, xt, acc, DOT_FP32: tl.constexpr):
+def _mma_operand(t, DOT_FP32: tl.constexpr):
     if DOT_FP32:
-        return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
-    return tl.dot(w.to(tl.bfloat16), xt.to(tl.bfloat16), acc)
+        return t.to(tl.float32)
+    return t.to(tl.bfloat16)
 
 
 @triton.autotune(configs=_tuned(_DOT_CONFIGS), key=["N", "K"])
@@ -140,14 +143,15 @@ def _wo_gemv_dot_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_full = (K // BLOCK_K) * BLOCK_K
     for k0 in range(0, k_full, BLOCK_K):
-        w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=n_mask[:, None])  # rows past N: never stored (see the fma kernel)
         xt = tl.load(xt_ptrs + k0, mask=m_mask[None, :], other=0.0)
-        acc = _mma(w, xt, acc, DOT_FP32)
+        acc = tl.dot(_mma_operand(w, DOT_FP32), _mma_operand(xt, DOT_FP32), acc)
     if k_full < K:
         k_mask = (k_full + offs_k) < K
-        w = tl.load(w_ptrs + k_full, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + k_full, mask=n_mask[:, None] & k_mask[None, :])
+        w = _mma_operand(tl.where(k_mask[None, :], w.to(tl.float32), 0.0), DOT_FP32)
         xt = tl.load(xt_ptrs + k_full, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _mma(w, xt, acc, DOT_FP32)
+        acc = tl.dot(w, _mma_operand(xt, DOT_FP32), acc)
     acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
