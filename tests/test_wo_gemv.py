@@ -173,3 +173,47 @@ def test_can_be_turned_off():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), LAB_WO_GEMV="0")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "True", p.stderr[-2000:]
+
+
+AOT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lab.kernels import wo_gemv as mod
+
+out = []
+for kern, cfg, extra in (
+    (mod._wo_gemv_fma_kernel.fn, mod._FMA_CONFIGS[0], {}),
+    (mod._wo_gemv_dot_kernel.fn, mod._DOT_CONFIGS[3], {"BLOCK_M": 16, "DOT_FP32": 0}),
+):
+    for wdt in ("fp8e4nv", "i8"):
+        ptrs = {"x_ptr": "*bf16", "w_ptr": f"*{wdt}", "s_ptr": "*fp32", "y_ptr": "*bf16"}
+        sig = {a: ptrs.get(a, "i32") for a in kern.arg_names}
+        consts = dict(extra, **cfg.kwargs)
+        sig.update({k: "constexpr" for k in consts})
+        src = ASTSource(fn=kern, signature=sig,
+                        constexprs={(kern.arg_names.index(k),): v for k, v in consts.items()})
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        out.append({"kernel": kern.__name__, "w": wdt, "cubin": len(ck.asm["cubin"]),
+                    "mma": "mma" in ck.asm["ptx"]})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_h100(tmp_path):
+    """The real GPU compile (sm_90 cubin, no GPU needed): catches what the interpreter does not check, e.g.
+    8-bit conversions and dot operand types on the H100 code path."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_CACHE_DIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run(
+        [sys.executable, "-c", AOT], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(
+        next(x for x in p.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT ")
+    )
+    assert len(rows) == 4 and all(r["cubin"] > 0 for r in rows)
+    assert all(r["mma"] for r in rows if r["kernel"] == "_wo_gemv_dot_kernel")
