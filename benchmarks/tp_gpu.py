@@ -9,8 +9,10 @@ warm-up and load at TP=N and on one GPU: tokens/s, p99 latency and tokens/joule 
 NVLink multicast stays off in every process (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1 are exported before anything starts; torchrun passes them to every rank).
 Writes under --out: correctness.json, drills.json, tiers/ (tiers.json, tp<N>/, tp1/), flight_recorder/,
-and tp_gpu.json (fingerprint, commands, exit codes, wall times, headline numbers). About 7-9 minutes on two
-H100s, the two tiers' cold compiles dominating; split with --steps to stay under a 10-minute limit.
+and tp_gpu.json (fingerprint, commands, exit codes, wall times, headline numbers). Budget: correctness +
+drills about 3 minutes; each tier of the comparison about 4-5 minutes (three cold compiles of llama-8b:
+warm-up decode, serving decode, fixed-shape prefill). Under a 10-minute limit per command run
+`--steps correctness,drills`, then `--steps tier-multi`, then `--steps tier-fallback` (which compares).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ MULTICAST_OFF = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-STEPS = ("correctness", "drills", "tiers")
+STEPS = ("correctness", "drills", "tiers", "tier-multi", "tier-fallback")
 # (preset, dtype): float32 must match TP=1 token for token; bfloat16 is reported (reduction order differs).
 CORRECTNESS_MODELS = (("llama-1b", "float32"), ("llama-8b", "bfloat16"))
 NEW_TOKENS = 32
@@ -176,16 +178,18 @@ def drills(out: Path, n: int, timeout_s: float, deadline_s: int, device: str) ->
 # --- the tier comparison ---------------------------------------------------------------------------------
 
 
-def tiers(out: Path, n: int, preset: str, timeout_s: float, qps: float, device: str) -> dict:
+def tiers(
+    out: Path, n: int, preset: str, timeout_s: float, qps: float, device: str, only: str | None
+) -> dict:
     d = out / "tiers"
     cmd = [sys.executable, "-m", "lab", "compare-tiers", "--preset", preset, "--tensor-parallel-gpus", str(n)]
-    cmd += ["--device", device]
+    cmd += ["--device", device] + (["--only", only] if only else [])
     cmd += ["--out", str(d), "--iters", "3", "--warmup", "1", "--prompt-len", "128", "--max-new-tokens", "64"]
     cmd += ["--duration", "20", "--target-qps", str(qps), "--load-max-new-tokens", "128"]
     cmd += ["--prompt-len-min", "32", "--prompt-len-max", "64", "--max-batch-size", "16"]
     cmd += ["--compile-cache-dir", str(ROOT / ".compile-cache"), "--tier-timeout-s", str(timeout_s / 2)]
     d.mkdir(parents=True, exist_ok=True)
-    r = _run(cmd, _env(out), timeout_s, d / "compare-tiers.log")
+    r = _run(cmd, _env(out), timeout_s, d / f"compare-tiers{'-' + only if only else ''}.log")
     try:
         t = json.loads((d / "tiers.json").read_text())
         r["summary"] = t.get("summary")
@@ -245,8 +249,9 @@ def main() -> int:
     if "drills" in steps:
         summary["drills"] = drills(out, n, 150, a.deadline_s, a.device)
         (out / "drills.json").write_text(json.dumps(summary["drills"], indent=2))
-    if "tiers" in steps:
-        summary["tiers"] = tiers(out, n, a.preset, 1200, a.target_qps, a.device)
+    for step, only in (("tiers", None), ("tier-multi", "multi"), ("tier-fallback", "fallback")):
+        if step in steps:  # tier-multi then tier-fallback: one tier per call under a 10-minute limit
+            summary[step] = tiers(out, n, a.preset, 1200, a.target_qps, a.device, only)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     summary_path.write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps({k: v for k, v in summary.items() if k != "fingerprint"}, indent=1, default=str)[-6000:])

@@ -128,6 +128,13 @@ def register(sub) -> None:
         default=None,
         help="collective deadline inside a tier (default $LAB_DIST_TIMEOUT_S or 300)",
     )
+    r.add_argument(
+        "--only",
+        choices=("multi", "fallback"),
+        default=None,
+        help="run one tier now and compare with the other tier's files already under --out (for hosts "
+        "with a per-command time limit)",
+    )
     r.add_argument("--tier-worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -263,10 +270,11 @@ def run_both(args, out: Path) -> TiersArtifact:
         # The playbook pins the fallback to one GPU (export CUDA_VISIBLE_DEVICES=0).
         fallback_env["CUDA_VISIBLE_DEVICES"] = args.fallback_gpu or (visible[0] if visible else "0")
     multi_dir, fallback_dir = out / f"tp{n}", out / "tp1"
-    runs = {
-        "multi": run_tier(args, n, multi_dir, multi_env),
-        "fallback": run_tier(args, 1, fallback_dir, fallback_env),
-    }
+    runs = {}
+    if args.only in (None, "multi"):
+        runs["multi"] = run_tier(args, n, multi_dir, multi_env)
+    if args.only in (None, "fallback"):
+        runs["fallback"] = run_tier(args, 1, fallback_dir, fallback_env)
     art = compare_reports(multi_dir, fallback_dir, params=_params(args))
     for tier, info in runs.items():
         art.tiers[tier]["launch"] = {k: v for k, v in info.items() if k != "log_tail"}
