@@ -17,8 +17,7 @@ Both are autotuned over a handful of configs keyed on (N, K), so tuning stays bo
 torch.compile(fullgraph=True, mode="reduce-overhead") captures it inside CUDA graphs without a graph break.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library infers the op's schema from real annotations.
 import os
 
 import torch
