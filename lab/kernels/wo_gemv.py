@@ -4,14 +4,15 @@ Decode is memory-bound: every weight byte must cross HBM once per step, so the k
 once. Each program owns a BLOCK_N slice of output channels and walks K in BLOCK_K tiles, loading the W tile
 as 8-bit and converting it to bf16 in registers; the per-channel float32 scale is applied once to the
 float32 accumulator at the end (exact, since it is per output row). `F.linear(x, w.to(bf16)) * s` instead
-writes a bf16 copy of W (3 bytes moved per weight byte, plus the read back): MBU 0.09 eager and 0.19 under
+materialises a bf16 copy of W (read 1 byte, write 2, read 2 back per weight): MBU 0.09 eager and 0.19 under
 torch.compile on an H100 for gpt-40b at batch 16 (reports/examples/perf/perf_decode_quant_h100.json).
 
 Two kernels, picked on the host by M:
 - M == 1: an FMA reduction (acc[BLOCK_N, BLOCK_K] += w * x, summed over K at the end): no padding.
 - 2 <= M <= 16: x padded to 16 rows and one tl.dot per tile, computed as W_tile @ x^T so the large N
   side is the MMA's M dimension ("swap AB"); the padding costs compute, not bytes.
-Both are autotuned over a handful of configs keyed on (N, K), so tuning stays bounded.
+Both are autotuned over 6 configs keyed on (N, K) (Triton adds the weight dtype to the key), so tuning
+stays bounded; the kernel choice is the M bucket.
 
 `wo_gemv` is a torch custom op (torch.library.triton_op, with a fake implementation for tracing):
 torch.compile(fullgraph=True, mode="reduce-overhead") captures it inside CUDA graphs without a graph break.
