@@ -39,6 +39,7 @@ from lab.errors import LabError
 
 DEFAULT_TIMEOUT_S = 300.0
 HEARTBEAT_INTERVAL_S = 0.5
+DONE = "done"  # the heartbeat value of a rank that left cleanly
 EXIT_RANK_FAULT = 3  # exit status of a rank that ended the run because a peer failed
 FAULT_ENV = "LAB_INJECT_FAULT"
 TIMEOUT_ENV = "LAB_DIST_TIMEOUT_S"
@@ -285,6 +286,7 @@ def shutdown() -> None:
     global _CTX, _WATCHDOG
     if _WATCHDOG is not None:
         _WATCHDOG.stop()
+        _WATCHDOG.say_done()
         _WATCHDOG = None
     if _CTX is not None and _CTX.distributed and not _FAILED:
         import torch.distributed as dist
@@ -485,6 +487,13 @@ class _Watchdog:
     def _key(self, r: int) -> str:
         return f"lab/heartbeat/{r}"
 
+    def say_done(self) -> None:
+        """A rank leaving cleanly says so: its silence afterwards is not a fault."""
+        try:
+            self.store.set(self._key(self.ctx.rank), DONE)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
@@ -522,6 +531,9 @@ class _Watchdog:
             if not self.store.check([self._key(r)]):
                 continue
             value = self.store.get(self._key(r)).decode()
+            if value == DONE:
+                del self.peers[r]  # finished and left cleanly
+                continue
             progress = int(value.split()[1])
             self.peers[r] = (value, now if value != last else since, progress)
 
