@@ -72,6 +72,12 @@ def _run(cmd: list[str], env: dict[str, str], timeout_s: float, log: Path) -> di
     }
 
 
+def _first_gpu() -> str:
+    """The fallback's single GPU: the first visible one (the playbook's CUDA_VISIBLE_DEVICES=0)."""
+    visible = [x for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return visible[0] if visible else "0"
+
+
 def _torchrun(n: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
 
@@ -108,17 +114,29 @@ def worker(out: Path, n: int, device: str, models) -> None:
 
 
 def correctness(out: Path, n: int, timeout_s: float, device: str, models) -> dict:
+    import shutil
+    import tempfile
+
     import torch
 
     d = out / "correctness"
     d.mkdir(parents=True, exist_ok=True)
-    me = [sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(d), "--device", device]
+    scratch = Path(tempfile.mkdtemp(prefix="tp_gpu_"))  # tokens + logits (tens of MB): compared, not kept
+    me = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--out",
+        str(scratch),
+        "--device",
+        device,
+    ]
     me += ["--correctness-models", ",".join(f"{p}:{t}" for p, t in models)]
     runs = {
         f"tp{n}": _run([*_torchrun(n), *me[1:], "--tp", str(n)], _env(out), timeout_s, d / f"tp{n}.log"),
         "tp1": _run(
             [*_torchrun(1), *me[1:], "--tp", "1"],
-            _env(out, CUDA_VISIBLE_DEVICES="0"),
+            _env(out, CUDA_VISIBLE_DEVICES=_first_gpu()),
             timeout_s,
             d / "tp1.log",
         ),
@@ -126,8 +144,8 @@ def correctness(out: Path, n: int, timeout_s: float, device: str, models) -> dic
     results = {}
     for preset, dtype in models:
         try:
-            a = torch.load(d / f"tp{n}_{preset}_{dtype}.pt", weights_only=True)
-            b = torch.load(d / f"tp1_{preset}_{dtype}.pt", weights_only=True)
+            a = torch.load(scratch / f"tp{n}_{preset}_{dtype}.pt", weights_only=True)
+            b = torch.load(scratch / f"tp1_{preset}_{dtype}.pt", weights_only=True)
         except FileNotFoundError as e:
             results[f"{preset}/{dtype}"] = {"error": f"missing result: {e.filename}"}
             continue
@@ -146,6 +164,7 @@ def correctness(out: Path, n: int, timeout_s: float, device: str, models) -> dic
             f"decode_ms_per_token_tp{n}_eager": a["decode_ms_per_token"],
             "decode_ms_per_token_tp1_eager": b["decode_ms_per_token"],
         }
+    shutil.rmtree(scratch, ignore_errors=True)
     exact = [v.get("tokens_equal") for k, v in results.items() if k.endswith("/float32")]
     ok = all(r["exit_code"] == 0 for r in runs.values()) and exact and all(exact)
     return {"ok": bool(ok), "tp": n, "new_tokens": NEW_TOKENS, "runs": runs, "models": results}
