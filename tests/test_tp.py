@@ -131,7 +131,11 @@ WORKER = textwrap.dedent(
     prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5, 4, 3, 2]])
     g = gen.generate(prompt, 16, keep_logits=True)
     s = gen.generate(prompt, 16, temperature=0.8, top_k=50, seed=123)
+    # Weights from a checkpoint: each rank loads the file and keeps its slices.
+    c = prepare_tp("tiny", sys.argv[3], "cpu", "float32", 0, 2, 48, n, 30)
+    ckpt = Generator(c.model, "eager", 2, 48).generate(prompt, 8).tokens.tolist()
     res = {
+        "checkpoint": ckpt,
         "greedy": g.tokens.tolist(),
         "logits": torch.stack(g.logits).tolist(),
         "sampled": s.tokens.tolist(),
@@ -152,7 +156,9 @@ def test_tp2_generates_the_same_tokens_as_tp1(tmp_path):
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    proc, _ = _torchrun(2, str(script), str(tmp_path), "2")
+    ckpt = tmp_path / "tiny-seed7.pt"
+    torch.save(prepare("tiny", None, "cpu", "float32", 7, 1, 48).model.state_dict(), ckpt)
+    proc, _ = _torchrun(2, str(script), str(tmp_path), "2", str(ckpt))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
 
@@ -163,6 +169,9 @@ def test_tp2_generates_the_same_tokens_as_tp1(tmp_path):
     s = gen.generate(prompt, 16, temperature=0.8, top_k=50, seed=123)
 
     assert r0["greedy"] == r1["greedy"] == g.tokens.tolist()
+    from_ckpt = prepare("tiny", str(ckpt), "cpu", "float32", 0, 2, 48)
+    want = Generator(from_ckpt.model, "eager", 2, 48).generate(prompt, 8).tokens.tolist()
+    assert r0["checkpoint"] == r1["checkpoint"] == want != [row[:8] for row in r0["greedy"]]
     assert r0["sampled"] == r1["sampled"] == s.tokens.tolist()
     torch.testing.assert_close(torch.tensor(r0["logits"]), torch.stack(g.logits), atol=1e-4, rtol=1e-4)
     assert r0["shapes"] == r1["shapes"] == {"n_heads": 2, "n_kv_heads": 1, "ffn_dim": 86, "vocab_rows": 256}
