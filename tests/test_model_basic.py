@@ -158,3 +158,24 @@ def test_plan_arithmetic_and_verdicts(lab_cli):
     assert big.fits is False and "--dtype fp8" in big.suggestions
     r = lab_cli("plan", "--preset", "llama-70b", "--gpu-memory-gb", "80", "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["fits"] is False
+
+
+def test_attention_accepts_a_non_contiguous_sdpa_output(tiny_model, monkeypatch):
+    """CUDA's fused SDPA kernels can return [b, h, t, d] with a transposed memory layout (seen in float32
+    on an H200); the model must not assume contiguity."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 512, (2, 7))
+    pos = torch.arange(7).expand(2, 7)
+    tiny_model.setup_caches(2, 16)
+    ref = tiny_model(tokens, pos)
+    real = F.scaled_dot_product_attention
+
+    def strided(*args, **kwargs):
+        y = real(*args, **kwargs)
+        return y.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", strided)
+    tiny_model.setup_caches(2, 17)
+    torch.testing.assert_close(tiny_model(tokens, pos), ref)

@@ -141,7 +141,9 @@ class Attention(nn.Module):
         g = h // hkv
         q = q.transpose(1, 2).reshape(b, hkv, g * t, hd)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.repeat(1, 1, g, 1))
-        y = y.view(b, h, t, hd).transpose(1, 2).reshape(b, t, h * hd)
+        # reshape, not view: on CUDA the fused SDPA kernels may return a non-contiguous layout
+        # (seen in float32 on an H200: "view size is not compatible with input tensor's size and stride").
+        y = y.reshape(b, h, t, hd).transpose(1, 2).reshape(b, t, h * hd)
         return self.wo(y)
 
 
