@@ -48,7 +48,8 @@ def test_b200_profile_holds_the_playbook_figures():
     lt = prof.drill["parameters"]["loadtest"]
     assert (lt["duration"], lt["target_qps"], lt["max_new_tokens"]) == (20, 3, 4)
     assert not prof.provisional
-    assert load_profile("h100-llama8b").provisional
+    h100 = load_profile("h100-llama8b")  # calibrated from the committed H100 drill
+    assert not h100.provisional and "reports/examples/h100-llama8b-drill" in h100.provenance
 
 
 def test_profile_chosen_by_gpu_name():
