@@ -158,6 +158,12 @@ def register(sub) -> None:
     from lab.distributed import add_tp_args
 
     add_tp_args(p, with_allow_smaller_world=False, tp_default=None)
+    p.add_argument(
+        "--trace",
+        default=None,
+        metavar="PATH.json",
+        help="write a torch.profiler trace of the run, rank 0 only (open in ui.perfetto.dev)",
+    )
     p.set_defaults(func=run)
 
 
@@ -185,7 +191,6 @@ def _tp(args, world: int) -> int:
 def run(args) -> int:
     from lab.errors import LabError
     from lab.loadtest.runner import LoadTestConfig
-    from lab.loadtest.session import run_in_process, run_loadtest
     from lab.loadtest.sweep import parse_sweep
 
     world, rank = check_world(args)
@@ -234,9 +239,21 @@ def run(args) -> int:
     params["world_size"], params["rank"] = world, rank
     if sweep is not None and not cfg.slo().given():
         raise LabError("--sweep needs at least one SLO: --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-ms")
+    from lab.trace import trace_region
+
+    with trace_region(args.trace if rank == 0 else None):
+        art = _run(args, cfg, sweep, params, world, rank)
+    if art is None:
+        return 0  # a follower rank of the multi-GPU tier (or of an --endpoint run): rank 0 reports
+    return _report(args, art)
+
+
+def _run(args, cfg, sweep, params, world: int, rank: int):
+    from lab.loadtest.session import run_in_process, run_loadtest
+
     if args.endpoint:
         if rank != 0:
-            return 0  # only rank 0 generates load; the endpoint serves every rank's model
+            return None  # only rank 0 generates load; the endpoint serves every rank's model
         art = run_loadtest(
             cfg,
             None,
@@ -266,8 +283,10 @@ def run(args) -> int:
             dist_timeout_s=args.dist_timeout_s,
             allow_smaller_world=args.allow_smaller_world,
         )
-        if art is None:
-            return 0  # a follower rank of the multi-GPU tier: rank 0 reports
+    return art
+
+
+def _report(args, art) -> int:
     from lab.loadtest.session import describe
 
     print(describe(art, args.output_json), flush=True)

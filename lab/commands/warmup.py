@@ -49,6 +49,12 @@ def register(sub) -> None:
         help="skip the copy-bandwidth and matmul probes (no MBU/MFU)",
     )
     add_output_json(p, "warmup.json")
+    p.add_argument(
+        "--trace",
+        default=None,
+        metavar="PATH.json",
+        help="write a torch.profiler trace of the run (open in ui.perfetto.dev)",
+    )
     p.set_defaults(func=run)
 
 
@@ -73,7 +79,10 @@ def run(args) -> int:
         tensor_parallel_gpus=args.tensor_parallel_gpus,
         measure_roofline=args.measure_roofline,
     )
-    art = run_and_write(cfg, args.output_json)
+    from lab.trace import trace_region
+
+    with trace_region(args.trace):
+        art = run_and_write(cfg, args.output_json)
     if not is_rank_zero():
         return 0 if art.status == "ok" else 1
     if art.status != "ok":
