@@ -260,8 +260,21 @@ def init_tp(
         world, rank, local_rank, dev, backend, timeout, group, cpu_group or group, env, requested=n
     )
     _start_watchdog(_CTX)
+    if backend == "gloo" and threading.current_thread() is threading.main_thread():
+        # CPU ranks return to the interpreter often, so torchrun's SIGTERM (sent when a peer exits) can end
+        # this rank with a line instead of silently. (NCCL ranks may sit in a CUDA sync that a Python handler
+        # would never interrupt: there the default action, immediate exit, is the right one.)
+        signal.signal(signal.SIGTERM, _on_sigterm)
     atexit.register(shutdown)
     return _CTX
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _FAILED
+    _FAILED = True
+    dead, behind = _WATCHDOG._notes() if _WATCHDOG else ([], [])
+    notes = "; ".join(dead or behind) or "torchrun's summary names the rank that failed first"
+    raise RankFailure(f"rank {rank()}: stopped by torchrun (SIGTERM) because another rank exited; {notes}")
 
 
 def current() -> TPContext | None:

@@ -201,7 +201,7 @@ def test_killed_rank_ends_the_run_within_the_deadline():
     assert proc.returncode != 0, out[-2000:]
     assert "rank 1 kill at forward 5" in out
     # Rank 0's collective fails at once and says so; torchrun's summary names rank 1 as the root cause.
-    assert "lab: error: rank 0: all_reduce failed" in out or "rank 1 is not responding" in out, out[-3000:]
+    assert "lab: error: rank 0: " in out, out[-3000:]  # rank 0's one line: its collective failed, or stopped
     assert "rank      : 1" in out and "SIGKILL" in out, out[-3000:]
     assert '"token_ids"' not in proc.stdout  # no result from a broken tier
     assert elapsed < deadline_s + 60, elapsed
