@@ -354,9 +354,12 @@ def test_default_drill_on_the_real_notebooks(tmp_path, lab_cli):
     m = read_artifact(tmp_path / "d" / "manifest.json")
     assert m.status == "ok" and {s.step for s in m.steps if s.status == "ok"} == set(steps)
     ev = read_artifact(tmp_path / "d" / "expectations.json")
-    assert ev.verdict in ("pass", "warn"), [x.detail for x in ev.metrics]
+    # Every metric was measured and judged; the verdict itself depends on this machine's speed, which
+    # tests never assert: the gate must agree with it (exit 0 within expectations, 3 outside).
+    assert ev.metrics and all(x.measured is not None for x in ev.metrics), [x.detail for x in ev.metrics]
+    assert ev.verdict in ("pass", "warn", "fail")
     g = lab_cli("gate", str(tmp_path / "d"))
-    assert g.returncode == 0, g.stdout
+    assert g.returncode == (3 if ev.verdict == "fail" else 0), g.stdout
 
 
 def test_lab_notebooks_serves_jupyterlab_on_localhost(tmp_path):
