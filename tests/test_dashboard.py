@@ -603,3 +603,16 @@ def test_folders_without_lab_artifacts_are_not_runs(tmp_path) -> None:
     r = data.load_reports([tmp_path])
     assert [x.run_id for x in r.runs] == [LATEST]
     assert any("perf: no lab artifacts" in n for n in r.notes)
+
+
+def test_committed_gpu_examples_render_on_every_page(app) -> None:
+    """reports/examples/ holds real GPU drills (what a new user sees first): every page renders them."""
+    examples = Path(__file__).resolve().parent.parent / "reports" / "examples"
+    at = app(examples).run()
+    assert_clean(at)
+    assert at.sidebar.selectbox(key="run_id").value == "h100-llama8b-drill"
+    for page in ("overview", "health", "warmup", "compare", "loadtest", "capacity", "history"):
+        goto(at, page)
+    goto(at, "warmup")
+    shown = {m.label: m.value for m in at.metric}
+    assert any("167" in str(v) for v in shown.values()), shown  # the H100's measured decode tokens/s

@@ -5,7 +5,7 @@ once. Each program owns a BLOCK_N slice of output channels and walks K in BLOCK_
 as 8-bit and converting it to bf16 in registers; the per-channel float32 scale is applied once to the
 float32 accumulator at the end (exact, since it is per output row). `F.linear(x, w.to(bf16)) * s` instead
 materialises a bf16 copy of W (read 1 byte, write 2, read 2 back per weight): MBU 0.09 eager and 0.19 under
-torch.compile on an H100 for gpt-40b at batch 16 (reports/examples/perf/perf_decode_quant_h100.json).
+torch.compile on an H100 for gpt-40b at batch 16 (reports/examples/benchmarks/perf/perf_decode_quant_h100.json).
 
 Two kernels, picked on the host by M:
 - M == 1: an FMA reduction (acc[BLOCK_N, BLOCK_K] += w * x, summed over K at the end): no padding.
