@@ -491,6 +491,13 @@ def run_and_write(cfg: WarmupConfig, path: str | os.PathLike[str]) -> WarmupArti
             "failed",
             f"{type(e).__name__}: {lines[0] if lines else ''}",
         )
+        from lab.faults import is_oom, oom_reason
+
+        if is_oom(e):  # the plan and what to lower, so the failed artifact says the next move
+            art.memory_plan = prepared.plan.to_dict()
+            art.reason = oom_reason(
+                "warm-up", e, prepared.plan, "--batch-size, --prompt-len or --max-new-tokens"
+            )
     if is_rank_zero():
         write_artifact(path, art)
     return art

@@ -424,7 +424,7 @@ def run_tier_worker(args) -> int:
     from lab.distributed import current, follow_engine, is_rank0, prepare_tp
     from lab.engine.batching import Engine, EngineConfig
     from lab.loadtest.runner import LoadTestConfig
-    from lab.loadtest.session import engine_info, run_loadtest
+    from lab.loadtest.session import engine_info, run_loadtest, wait_ready
     from lab.results import finish, new_artifact, write_artifact
 
     out = Path(args.out)
@@ -501,7 +501,7 @@ def run_tier_worker(args) -> int:
     )
     engine.start(warmup=True)
     try:
-        if not engine.ready.wait(timeout=3600) or engine.crashed:
+        if not wait_ready(engine) or engine.crashed:
             raise LabError(f"the engine failed to warm up: {engine.crashed}")
         info = engine_info(engine, prepared)
         info["tensor_parallel"] = tp_info

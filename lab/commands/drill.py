@@ -79,12 +79,26 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """A preset or checkpoint every notebook would reject is a usage error before any kernel starts."""
+    import os
+
+    from lab.errors import LabError
+    from lab.model.presets import get_preset
+
+    if args.preset:
+        get_preset(args.preset)
+    if args.model_path and not os.path.exists(args.model_path):
+        raise LabError(f"checkpoint '{args.model_path}' not found; check --model-path / MODEL_PATH")
+
+
 def run(args: argparse.Namespace) -> int:
     from lab.drill import parse_steps, plan_drill, run_drill
     from lab.env import fingerprint
     from lab.expectations import load_profile, profile_for_environment, violations, warnings
 
     steps = parse_steps(args.steps)
+    _check_model_flags(args)
     if args.profile:
         profile = load_profile(args.profile)
     else:

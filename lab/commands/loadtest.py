@@ -181,6 +181,25 @@ def check_world(args) -> tuple[int, int]:
     return world, rank
 
 
+def check_endpoint(url: str) -> None:
+    """--endpoint must be an http(s) URL with something listening; otherwise every request would error."""
+    from urllib.parse import urlparse
+
+    import httpx
+
+    from lab.errors import LabError
+
+    u = urlparse(url)
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise LabError(f"--endpoint {url!r} is not an http(s) URL; pass e.g. http://127.0.0.1:8000")
+    try:
+        httpx.get(url.rstrip("/"), timeout=5.0)
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as e:
+        raise LabError(
+            f"nothing answers at --endpoint {url} ({type(e).__name__}); start `lab serve` or fix the URL"
+        ) from None
+
+
 def _tp(args, world: int) -> int:
     """Tensor-parallel ranks: --tensor-parallel-gpus, else the world torchrun launched."""
     from lab.distributed import tp_from_env
@@ -196,6 +215,8 @@ def run(args) -> int:
     world, rank = check_world(args)
     if args.prompt_len_min > args.prompt_len_max:
         raise LabError("--prompt-len-min must be <= --prompt-len-max")
+    if args.endpoint and rank == 0:
+        check_endpoint(args.endpoint)
     sweep = parse_sweep(args.sweep) if args.sweep else None
     cfg = LoadTestConfig(
         duration_s=args.duration,
@@ -290,4 +311,4 @@ def _report(args, art) -> int:
     from lab.loadtest.session import describe
 
     print(describe(art, args.output_json), flush=True)
-    return 0 if art.verdict.get("valid") else 1
+    return 0 if art.verdict.get("valid") and art.status == "ok" else 1

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.errors import LabError
+from lab.faults import is_oom, oom_reason
 from lab.loadtest.runner import (
     LoadTestArtifact,
     LoadTestConfig,
@@ -75,8 +76,10 @@ def run_loadtest(
     `output_json` is given. The engine must be started and warmed up."""
     if cfg.endpoint is None and engine is None:
         raise LabError("no target: pass --endpoint URL, or an engine")
-    if engine is not None and not engine.ready.wait(timeout=3600):
-        raise LabError("the engine did not finish warming up")
+    if engine is not None and not wait_ready(engine):
+        raise LabError(
+            f"the engine did not finish warming up: {engine.crashed or 'still warming up after 1 h'}"
+        )
     if vocab_size is None:
         vocab_size = engine.vocab_size if engine is not None else 256
     if engine is not None and telemetry_device is None:
@@ -151,11 +154,42 @@ def run_loadtest(
         art.engine["stats"] = engine.stats()
     if not art.verdict["valid"]:
         art.reason = "INVALID: " + "; ".join(art.verdict["reasons"])
-    finish(art)
+    if engine is not None and engine.crashed:  # e.g. out of memory mid-run: every request was failed
+        crash = engine.crashed
+        plan = (info or {}).get("memory_plan")
+        art.reason = oom_reason("the load test", crash, plan, _LOADTEST_KNOBS) if is_oom(crash) else crash
+        finish(art, "failed", art.reason)
+    else:
+        finish(art)
     if output_json is not None:
         req_file = requests_path(output_json)
         write_requests(req_file, runs)
         art.requests_file = req_file.name
+        write_artifact(output_json, art)
+    return art
+
+
+_LOADTEST_KNOBS = "--max-batch-size, --max-seq-len or --prompt-len-max"
+
+
+def wait_ready(engine, timeout_s: float = 3600.0) -> bool:
+    """Wait for warm-up, but return at once if the engine thread crashed (it never sets `ready`)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not engine.ready.wait(timeout=0.05):
+        if engine.crashed or time.monotonic() > deadline:
+            return False
+    return True
+
+
+def _failed(cfg, params, info, output_json, error: str, step: str) -> LoadTestArtifact:
+    """A load test that could not run (out of memory at warm-up): a failed artifact with the plan."""
+    art = new_artifact(LoadTestArtifact, params or {"config": config_dict(cfg)})
+    art.engine = info
+    reason = oom_reason(step, error, info.get("memory_plan"), _LOADTEST_KNOBS)
+    finish(art, "failed", reason)
+    if output_json is not None:
         write_artifact(output_json, art)
     return art
 
@@ -215,7 +249,11 @@ def run_in_process(
         engine, prepared = build_engine(preset, model_path, device, dtype, cfg.seed, engine_config)
     engine.start(warmup=True)
     try:
-        if not engine.ready.wait(timeout=3600) or engine.crashed:
+        if not wait_ready(engine) or engine.crashed:
+            if is_oom(engine.crashed):  # a step that broke, not bad input: a failed artifact says so
+                return _failed(
+                    cfg, params, engine_info(engine, prepared), output_json, engine.crashed, "warm-up"
+                )
             raise LabError(f"the engine failed to warm up: {engine.crashed}")
         info = engine_info(engine, prepared)
         if tensor_parallel_gpus > 1:
@@ -236,7 +274,8 @@ def describe(art: LoadTestArtifact, path: str | Path | None = None) -> str:
         return "n/a" if v is None else (f"{v:.{nd}f}{unit}" if isinstance(v, float) else f"{v}{unit}")
 
     lines = [
-        f"load test: {'VALID' if art.verdict.get('valid') else 'INVALID'}" + (f" -> {path}" if path else ""),
+        f"load test: {'FAILED' if art.status == 'failed' else 'VALID' if art.verdict.get('valid') else 'INVALID'}"
+        + (f" -> {path}" if path else ""),
         f"  requests: sent {f('requests_sent')} ok {f('requests_ok')} rejected {f('requests_rejected')} "
         f"timed out {f('requests_timed_out')} errored {f('requests_errored')} cancelled {f('requests_cancelled')}",
         f"  qps: target {f('target_qps', '', 2)} achieved {f('achieved_qps', '', 2)}; "
@@ -255,6 +294,14 @@ def describe(art: LoadTestArtifact, path: str | Path | None = None) -> str:
     if "max_qps_meeting_slo" in s:
         lines.append(f"  sweep: max QPS meeting the SLOs = {f('max_qps_meeting_slo', '', 2)}")
     lines.extend(f"  INVALID: {r}" for r in art.verdict.get("reasons", []))
+    if s.get("requests_errored"):
+        lines.append(
+            f"  note: {s['requests_errored']} requests errored (the server failed them, or the connection was "
+            "lost or refused); they count as failures in goodput and SLO attainment; reasons per request in "
+            + (art.requests_file or "the requests JSONL")
+        )
+    if art.status == "failed":
+        lines.append(f"  FAILED: {art.reason}")
     return "\n".join(lines)
 
 
