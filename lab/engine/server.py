@@ -271,7 +271,10 @@ def _prompt_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[int]:
     if isinstance(p, str):
         if not p:
             raise LabError("prompt is empty")
-        return tokenizer.encode(p)
+        try:
+            return tokenizer.encode(p)
+        except UnicodeError:  # e.g. a lone UTF-16 surrogate ("\ud800"), valid JSON but not text
+            raise LabError("prompt is not valid Unicode text; send UTF-8 text or token ids") from None
     if not p:
         raise LabError("prompt is empty")
     return list(p)
