@@ -311,3 +311,73 @@ def test_help_is_the_only_way_out_with_exit_0(capsys) -> None:
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "usage:" in capsys.readouterr().out
+
+
+# --- notebook parameters ------------------------------------------------------------------------
+
+
+def test_notebook_parameters_are_checked_against_their_annotations() -> None:
+    from lab.errors import LabError
+    from lab.params import validate_notebook_params
+
+    def ns(**values):
+        ann = {"iters": int, "ratio": float, "flag": bool, "name": str}
+        return {"__annotations__": ann, "iters": 3, "ratio": 0.5, "flag": False, "name": "x", **values}
+
+    good = ns(iters="4", ratio=1, flag="true")
+    assert validate_notebook_params(good, positive=("iters",), fraction=("ratio",)) == {
+        "iters": 4,
+        "ratio": 1.0,
+        "flag": True,
+        "name": "x",
+    }
+    assert good["iters"] == 4 and good["flag"] is True  # converted in the notebook's globals
+    for values, kw, needle in [
+        ({"iters": "abc"}, {}, "parameter iters: 'abc' is not an integer"),
+        ({"iters": 2.5}, {}, "parameter iters: 2.5 is not an integer"),
+        ({"iters": True}, {}, "is not an integer"),
+        ({"ratio": "nan"}, {}, "parameter ratio: 'nan' is not a finite number"),
+        ({"ratio": [1]}, {}, "is not a number"),
+        ({"flag": "maybe"}, {}, "parameter flag: 'maybe' is not true or false"),
+        ({"name": 5}, {}, "parameter name: 5 is not text"),
+        ({"iters": 0}, {"positive": ("iters",)}, "parameter iters: 0 must be > 0"),
+        ({"iters": -1}, {"nonneg": ("iters",)}, "must be >= 0"),
+        ({"ratio": 1.5}, {"fraction": ("ratio",)}, "must be a fraction in (0, 1]"),
+    ]:
+        with pytest.raises(LabError) as e:
+            validate_notebook_params(ns(**values), **kw)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "notebook,params,needle",
+    [
+        ("02_warmup.ipynb", ["-p", "iters", "abc"], "parameter iters: 'abc' is not an integer"),
+        ("04_load_test.ipynb", ["-p", "target_qps", "-2"], "parameter target_qps: -2.0 must be > 0"),
+    ],
+)
+def test_a_bad_notebook_parameter_fails_in_the_first_cell_and_writes_nothing(
+    notebook, params, needle, tmp_path, repo_root
+) -> None:
+    import subprocess
+    import sys
+
+    import nbformat
+
+    out_dir = tmp_path / "out"
+    executed = tmp_path / "executed.ipynb"
+    r = subprocess.run(
+        [sys.executable, "-m", "papermill", str(repo_root / "notebooks" / notebook), str(executed)]
+        + ["-k", "python3", "--cwd", str(repo_root), "-p", "output_dir", str(out_dir), "-p", "device", "cpu"]
+        + params,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode != 0 and needle in r.stderr, r.stderr[-2000:]
+    nb = nbformat.read(str(executed), as_version=4)
+    ran = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
+    failed = [c for c in ran if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    assert len(failed) == 1 and "validate_notebook_params" in failed[0].source
+    # Only the parameters, papermill's injected parameters and the check ran: nothing was measured or written.
+    assert len(ran) == 3 and not out_dir.exists()
