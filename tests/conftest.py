@@ -49,3 +49,43 @@ def tiny_model():
     torch.manual_seed(0)
     spec = ModelSpec(args=get_preset("tiny"), preset="tiny", model_path=None)
     return build_model(spec, torch.device("cpu"), torch.float32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """A real `lab serve` app (tiny model, CPU) on a free localhost port in a thread, warmed up; one per
+    test module."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from lab.engine.batching import Engine, EngineConfig
+    from lab.engine.server import create_app
+    from lab.engine.tokenizer import ByteTokenizer
+    from lab.model import prepare
+
+    model = prepare("tiny", None, "cpu", "float32", 0, 4, 256).model
+    engine = Engine(model, EngineConfig(max_batch_size=4, max_seq_len=256, max_new_tokens=16, max_queue=64))
+    app = create_app(engine, ByteTokenizer(), "tiny", drain_timeout_s=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.05)
+    yield url
+    server.should_exit = True
+    th.join(timeout=20)

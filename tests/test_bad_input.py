@@ -4,9 +4,6 @@ for the numeric flags, writes that the disk refuses, and the HTTP API fuzzed fro
 from __future__ import annotations
 
 import errno
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -182,39 +179,6 @@ def test_a_full_disk_keeps_the_earlier_artifact(tmp_path, monkeypatch):
 
 
 # --- the HTTP API, fuzzed from its own OpenAPI schema over real HTTP ---------------------------------
-
-
-@pytest.fixture(scope="module")
-def server_url():
-    import uvicorn
-
-    from lab.engine.batching import Engine, EngineConfig
-    from lab.engine.server import create_app
-    from lab.engine.tokenizer import ByteTokenizer
-    from lab.model import prepare
-
-    model = prepare("tiny", None, "cpu", "float32", 0, 4, 256).model
-    engine = Engine(model, EngineConfig(max_batch_size=4, max_seq_len=256, max_new_tokens=16))
-    app = create_app(engine, ByteTokenizer(), "tiny", drain_timeout_s=10)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server never became ready"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    th.join(timeout=20)
 
 
 def test_api_never_answers_5xx_to_generated_requests(server_url):

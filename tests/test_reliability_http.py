@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,37 +34,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server_url():
-    import uvicorn
-
-    from lab.engine.batching import Engine, EngineConfig
-    from lab.engine.server import create_app
-    from lab.engine.tokenizer import ByteTokenizer
-    from lab.model import prepare
-
-    model = prepare("tiny", None, "cpu", "float32", 0, 4, 256).model
-    engine = Engine(model, EngineConfig(max_batch_size=4, max_seq_len=256, max_new_tokens=16, max_queue=64))
-    app = create_app(engine, ByteTokenizer(), "tiny", drain_timeout_s=10)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server never became ready"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    th.join(timeout=20)
 
 
 HOSTILE = [
