@@ -3,7 +3,7 @@
 Hand-written requests a fuzzer rarely builds (numbers past int64, NaN and Infinity literals, a lone UTF-16
 surrogate, bodies that are not JSON objects, a flood of garbage in parallel): always a 4xx with a message,
 never a 5xx, and the server answers a good request afterwards. Schema-driven fuzzing (schemathesis) lives
-in tests/test_bad_input.py, the common 400 cases in tests/test_server.py; not repeated here.
+in tests/test_http_fuzz.py, the common 400 cases in tests/test_server.py; not repeated here.
 
 Security: `lab serve` and `lab dashboard` listen on 127.0.0.1 unless --host says otherwise (checked on the
 real sockets), no route takes a path, and nothing in the lab unpickles untrusted bytes (source scan).
