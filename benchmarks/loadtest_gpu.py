@@ -190,6 +190,11 @@ def main() -> int:
             "max_qps_meeting_slo": sw.sweep["max_qps_meeting_slo"],
             "curve": sw.sweep["curve"],
         }
+    except Exception as e:  # keep what was measured before the failure
+        result["error"] = f"{type(e).__name__}: {e}"[:800]
+        result["wall_s"] = time.monotonic() - t_start
+        write_json(out / "loadtest_gpu.json", result)
+        raise
     finally:
         engine.stop()
     result["wall_s"] = time.monotonic() - t_start

@@ -305,11 +305,34 @@ def shutdown() -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - leaving a broken group must not mask the real error
-                pass
+            # Bounded: on 2x H200 a finished NCCL tier sat in teardown for minutes after its artifacts were
+            # written. Leaving the group gets 30 s; after that the process exits anyway (exit_process).
+            def _leave() -> None:
+                try:
+                    dist.destroy_process_group()
+                except Exception:  # noqa: BLE001 - leaving a broken group must not mask the real error
+                    pass
+
+            t = threading.Thread(target=_leave, name="lab-leave-group", daemon=True)
+            t.start()
+            t.join(timeout=30)
     _CTX = None
+
+
+def exit_process(rc: int) -> None:
+    """End a torchrun rank now: leave the group (bounded), flush, and skip the interpreter's teardown,
+    where NCCL communicators and CUDA-graph pools can hang a rank whose work and artifacts are done.
+    Returns only when this process never joined an NCCL group (the normal exit is safe there)."""
+    ctx = _CTX
+    if ctx is None or ctx.backend != "nccl":
+        return
+    shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe must not turn a finished run into a crash
+            pass
+    os._exit(rc)
 
 
 # --- the model's collectives ---------------------------------------------------------------------------
@@ -342,7 +365,11 @@ def all_gather_last_dim(x):
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, ctx.group)
+        # Gather along dim 0 and concatenate here: a non-zero gather_dim makes funcol call
+        # torch._utils._maybe_view_chunk_cat, which dynamo refuses to trace (a graph break under
+        # fullgraph=True; seen on 2x H200, torch 2.11).
+        g = funcol.all_gather_tensor(x.contiguous(), 0, ctx.group)
+        return torch.cat(torch.chunk(g, ctx.world_size, dim=0), dim=-1)
     import torch.distributed as dist
 
     parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
