@@ -57,6 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lab: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from lab.faults import is_oom, oom_plan, oom_reason
+
+        if not is_oom(e):
+            raise
+        # A command without an artifact of its own (generate, compare's model load, serve): one line, exit 1.
+        step = getattr(e, "lab_step", None) or "this command"
+        knobs = "the batch size, prompt length or new tokens (or free the card)"
+        print(f"lab: error: {oom_reason(step, e, oom_plan(e), knobs)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

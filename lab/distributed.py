@@ -675,7 +675,7 @@ def prepare_tp(
     rank's shard (block by block). At one rank it is exactly `prepare`. Returns lab.model.Prepared."""
     import torch
 
-    from lab.model import Prepared, build_model, dtype_name, prepare, resolve_dtype, resolve_spec
+    from lab.model import Prepared, build_model, dtype_name, oom_context, prepare, resolve_dtype, resolve_spec
     from lab.model.plan import check_fits, device_memory_gb
     from lab.model.tp import check_divisible, mark_sharded, shard_fn
 
@@ -704,9 +704,10 @@ def prepare_tp(
         spec.preset,
     )
     check_fits(plan)
-    model = build_model(
-        spec, ctx.device, dt, seed, quant, shard=shard_fn(spec.args, ctx.rank, ctx.world_size)
-    )
+    with oom_context(plan, ctx.device, f"loading rank {ctx.rank}'s shard of the model"):
+        model = build_model(
+            spec, ctx.device, dt, seed, quant, shard=shard_fn(spec.args, ctx.rank, ctx.world_size)
+        )
     mark_sharded(model, ctx.rank, ctx.world_size)
     return Prepared(model=model, spec=spec, device=ctx.device, dtype=dt, plan=plan, quant=quant)
 

@@ -35,6 +35,11 @@ def _plan_dict(plan: Any) -> dict[str, Any]:
     return plan.to_dict()
 
 
+def oom_plan(error: BaseException | str | None, plan: Any = None) -> Any:
+    """The plan an out-of-memory error carries (lab.model.oom_context), else `plan`."""
+    return getattr(error, "lab_plan", None) or plan
+
+
 def oom_reason(step: str, error: BaseException | str, plan: Any, knobs: str) -> str:
     """One line: what ran out, the plan's estimate against the device, and what to lower.
 
@@ -49,6 +54,12 @@ def oom_reason(step: str, error: BaseException | str, plan: Any, knobs: str) -> 
             f"activations {p.get('activations_gb', 0):.2f} + reserve {p.get('reserve_gb', 0):.1f} = "
             f"{p.get('total_gb', 0):.2f} GB for batch {p.get('batch_size')} x {p.get('max_seq_len')} tokens"
             + (f" on {dev:.1f} GB" if dev else "")
+        )
+    free = p.get("device_free_gb_at_failure")
+    if free is not None:
+        parts.append(
+            f"the device had {free:.1f} GB free when it failed: if that is far below the plan's device size, "
+            "another process holds the memory (nvidia-smi shows which)"
         )
     hint = f"lower {knobs}"
     if p.get("suggestions"):

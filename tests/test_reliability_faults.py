@@ -139,6 +139,56 @@ def test_oom_at_engine_warmup_fails_fast_instead_of_waiting(tmp_path, monkeypatc
     assert art.engine["memory_plan"]["max_seq_len"] > 0 and "lower --max-batch-size" in art.reason
 
 
+def _oom_at_model_load(monkeypatch):
+    """The plan fits the card, but materialising the weights runs out (another process holds memory)."""
+    import lab.model as model
+
+    def oom(*a, **kw):
+        raise torch.OutOfMemoryError(OOM)
+
+    monkeypatch.setattr(model, "build_model", oom)
+
+
+def test_oom_while_loading_the_model_for_warmup_is_a_failed_artifact(tmp_path, monkeypatch, capsys):
+    _oom_at_model_load(monkeypatch)
+    out = tmp_path / "warmup.json"
+    rc = main(["warmup", "--preset", "tiny", "--device", "cpu", "--output-json", str(out)])
+    assert rc == 1
+    art = read_artifact(out)
+    assert art.status == "failed" and "out of memory during loading the model" in art.reason
+    assert "memory plan:" in art.reason and art.memory_plan["weights_gb"] > 0
+    assert "failed" in one_line(capsys.readouterr().err)
+
+
+def test_oom_while_loading_the_model_for_a_load_test_is_a_failed_artifact(tmp_path, monkeypatch, capsys):
+    _oom_at_model_load(monkeypatch)
+    out = tmp_path / "load_test.json"
+    rc = main([*LOADTEST, "--output-json", str(out)])
+    assert rc == 1
+    art = read_artifact(out)
+    assert art.status == "failed" and "out of memory during loading the model" in art.reason
+    assert art.engine["memory_plan"]["weights_gb"] > 0 and "lower --max-batch-size" in art.reason
+
+
+def test_oom_in_a_command_without_an_artifact_is_one_line(monkeypatch, capsys):
+    _oom_at_model_load(monkeypatch)
+    rc = main(
+        ["generate", "--preset", "tiny", "--device", "cpu", "--prompt-ids", "1,2", "--max-new-tokens", "2"]
+    )
+    assert rc == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("lab: error: out of memory during loading the model") and "memory plan:" in line
+
+
+def test_the_oom_reason_points_at_memory_another_process_holds():
+    from lab.faults import oom_reason
+
+    plan = {"weights_gb": 16.1, "total_gb": 25.3, "batch_size": 16, "max_seq_len": 256}
+    plan.update(device_memory_gb=85.0, device_free_gb_at_failure=3.2)
+    reason = oom_reason("loading the model", OOM, plan, "--batch-size")
+    assert "the device had 3.2 GB free when it failed" in reason and "nvidia-smi" in reason
+
+
 # --- the disk refuses the write -----------------------------------------------------------------
 
 HEALTH = [sys.executable, "-m", "lab", "health", "--device", "cpu", "--output-json"]

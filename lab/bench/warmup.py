@@ -477,9 +477,24 @@ def run_and_write(cfg: WarmupConfig, path: str | os.PathLike[str]) -> WarmupArti
     """Prepare, run and write the artifact to `path` (rank 0 only). Bad input raises LabError before
     anything is written; a run that breaks (OOM, a recompile in the timed window) is written as a failed
     artifact with the reason and returned, so callers check `.status`."""
+    from lab.faults import is_oom, oom_plan, oom_reason
     from lab.results import finish, new_artifact, write_artifact
 
-    prepared, cache_dir = prepare_warmup(cfg)
+    knobs = "--batch-size, --prompt-len or --max-new-tokens"
+    try:
+        prepared, cache_dir = prepare_warmup(cfg)
+    except LabError:
+        raise
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        # Out of memory while loading the model (the plan fitted the card; something else holds memory).
+        art = finish(new_artifact(WarmupArtifact, cfg.to_params()), "failed", "")
+        art.memory_plan = oom_plan(e)
+        art.reason = oom_reason(getattr(e, "lab_step", "loading the model"), e, art.memory_plan, knobs)
+        if is_rank_zero():
+            write_artifact(path, art)
+        return art
     try:
         art = run_warmup(cfg, prepared, cache_dir)
     except LabError:
@@ -491,13 +506,9 @@ def run_and_write(cfg: WarmupConfig, path: str | os.PathLike[str]) -> WarmupArti
             "failed",
             f"{type(e).__name__}: {lines[0] if lines else ''}",
         )
-        from lab.faults import is_oom, oom_reason
-
         if is_oom(e):  # the plan and what to lower, so the failed artifact says the next move
-            art.memory_plan = prepared.plan.to_dict()
-            art.reason = oom_reason(
-                "warm-up", e, prepared.plan, "--batch-size, --prompt-len or --max-new-tokens"
-            )
+            art.memory_plan = oom_plan(e, prepared.plan.to_dict())
+            art.reason = oom_reason("warm-up", e, art.memory_plan, knobs)
     if is_rank_zero():
         write_artifact(path, art)
     return art

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.errors import LabError
-from lab.faults import is_oom, oom_reason
+from lab.faults import is_oom, oom_plan, oom_reason
 from lab.loadtest.runner import (
     LoadTestArtifact,
     LoadTestConfig,
@@ -246,7 +246,15 @@ def run_in_process(
             follow_engine(engine)
             return None
     else:
-        engine, prepared = build_engine(preset, model_path, device, dtype, cfg.seed, engine_config)
+        try:
+            engine, prepared = build_engine(preset, model_path, device, dtype, cfg.seed, engine_config)
+        except LabError:
+            raise
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            info = {"target": "in-process", "preset": preset, "memory_plan": oom_plan(e)}
+            return _failed(cfg, params, info, output_json, e, getattr(e, "lab_step", "loading the model"))
     engine.start(warmup=True)
     try:
         if not wait_ready(engine) or engine.crashed:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +179,30 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
+@contextlib.contextmanager
+def oom_context(plan, device: torch.device, step: str) -> Iterator[None]:
+    """An out-of-memory error inside carries the plan, the step and the device's free memory at the
+    failure (`lab_plan`, `lab_step`): the plan covers this process, so memory another process holds on
+    the card is what usually makes a shape that "fits" fail here. Callers turn it into a failed artifact
+    or one line (lab.faults)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        import gc
+
+        gc.collect()
+        d = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan or {})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            try:
+                free, _ = torch.cuda.mem_get_info(device)
+                d["device_free_gb_at_failure"] = round(free / 1e9, 2)
+            except Exception:  # noqa: BLE001 - a broken context must not hide the OOM itself
+                pass
+        e.lab_plan, e.lab_step = d, step
+        raise
+
+
 def prepare(
     preset: str | None,
     model_path: str | None,
@@ -210,7 +235,8 @@ def prepare(
         spec.preset,
     )
     check_fits(plan)
-    model = build_model(spec, dev, dt, seed, quant)
+    with oom_context(plan, dev, "loading the model"):
+        model = build_model(spec, dev, dt, seed, quant)
     return Prepared(model=model, spec=spec, device=dev, dtype=dt, plan=plan, quant=quant)
 
 
