@@ -35,6 +35,19 @@ def _plan_dict(plan: Any) -> dict[str, Any]:
     return plan.to_dict()
 
 
+def free_gb(device: Any) -> float | None:
+    """The device's free memory now, in GB (None off CUDA), after returning cached blocks to it."""
+    try:
+        import torch
+
+        if getattr(device, "type", str(device)) != "cuda" and not str(device).startswith("cuda"):
+            return None
+        torch.cuda.empty_cache()
+        return round(torch.cuda.mem_get_info(device)[0] / 1e9, 2)
+    except Exception:  # noqa: BLE001 - a broken context must not hide the OOM itself
+        return None
+
+
 def oom_plan(error: BaseException | str | None, plan: Any = None) -> Any:
     """The plan an out-of-memory error carries (lab.model.oom_context), else `plan`."""
     return getattr(error, "lab_plan", None) or plan

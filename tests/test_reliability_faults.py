@@ -170,6 +170,20 @@ def test_oom_while_loading_the_model_for_a_load_test_is_a_failed_artifact(tmp_pa
     assert art.engine["memory_plan"]["weights_gb"] > 0 and "lower --max-batch-size" in art.reason
 
 
+def test_oom_allocating_the_serving_kv_cache_is_a_failed_artifact(tmp_path, monkeypatch):
+    from lab.model.llama import Transformer
+
+    def oom(self, *a, **kw):
+        raise torch.OutOfMemoryError(OOM)
+
+    monkeypatch.setattr(Transformer, "setup_caches", oom)
+    out = tmp_path / "load_test.json"
+    assert main([*LOADTEST, "--output-json", str(out)]) == 1
+    art = read_artifact(out)
+    assert art.status == "failed" and "out of memory during allocating the KV cache" in art.reason
+    assert art.engine["memory_plan"]["max_seq_len"] > 0 and art.engine["memory_plan"]["total_gb"] > 0
+
+
 def test_oom_in_a_command_without_an_artifact_is_one_line(monkeypatch, capsys):
     _oom_at_model_load(monkeypatch)
     rc = main(

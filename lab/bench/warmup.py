@@ -477,7 +477,7 @@ def run_and_write(cfg: WarmupConfig, path: str | os.PathLike[str]) -> WarmupArti
     """Prepare, run and write the artifact to `path` (rank 0 only). Bad input raises LabError before
     anything is written; a run that breaks (OOM, a recompile in the timed window) is written as a failed
     artifact with the reason and returned, so callers check `.status`."""
-    from lab.faults import is_oom, oom_plan, oom_reason
+    from lab.faults import free_gb, is_oom, oom_plan, oom_reason
     from lab.results import finish, new_artifact, write_artifact
 
     knobs = "--batch-size, --prompt-len or --max-new-tokens"
@@ -508,6 +508,9 @@ def run_and_write(cfg: WarmupConfig, path: str | os.PathLike[str]) -> WarmupArti
         )
         if is_oom(e):  # the plan and what to lower, so the failed artifact says the next move
             art.memory_plan = oom_plan(e, prepared.plan.to_dict())
+            free = free_gb(prepared.device)
+            if free is not None:
+                art.memory_plan["device_free_gb_at_failure"] = free
             art.reason = oom_reason("warm-up", e, art.memory_plan, knobs)
     if is_rank_zero():
         write_artifact(path, art)

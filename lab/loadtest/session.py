@@ -35,12 +35,13 @@ def build_engine(
 ):
     """The one way the load test and the server build the in-process engine (plans memory first)."""
     from lab.engine.batching import Engine
-    from lab.model import prepare
+    from lab.model import oom_context, prepare
 
     prepared = prepare(
         preset, model_path, device, dtype, seed, engine_config.max_batch_size, engine_config.max_seq_len
     )
-    engine = Engine(prepared.model, engine_config, eos_id=prepared.spec.args.eos_token_id)
+    with oom_context(prepared.plan, prepared.device, "allocating the KV cache"):
+        engine = Engine(prepared.model, engine_config, eos_id=prepared.spec.args.eos_token_id)
     return engine, prepared
 
 

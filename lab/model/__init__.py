@@ -191,14 +191,12 @@ def oom_context(plan, device: torch.device, step: str) -> Iterator[None]:
         import gc
 
         gc.collect()
+        from lab.faults import free_gb
+
         d = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan or {})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            try:
-                free, _ = torch.cuda.mem_get_info(device)
-                d["device_free_gb_at_failure"] = round(free / 1e9, 2)
-            except Exception:  # noqa: BLE001 - a broken context must not hide the OOM itself
-                pass
+        free = free_gb(device)
+        if free is not None:
+            d["device_free_gb_at_failure"] = free
         e.lab_plan, e.lab_step = d, step
         raise
 
