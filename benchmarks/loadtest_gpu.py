@@ -10,7 +10,7 @@
 One engine (compiled and CUDA-graph captured once) serves every part. Everything lands in
 DIR/loadtest_gpu.json with the environment fingerprint.
 
-    python benchmarks/loadtest_gpu.py --out reports/examples/h100-loadtest
+    python benchmarks/loadtest_gpu.py --out reports/examples/benchmarks/loadtest-h100
 """
 
 from __future__ import annotations
