@@ -323,6 +323,28 @@ def test_compare_tiers_runs_both_tiers_and_counts_tokens_once(tmp_path, lab_cli)
     assert w.params["tensor_parallel"]["tensor_parallel_gpus"] == 2
 
 
+def test_compare_tiers_one_tier_at_a_time_says_what_to_run_next(tmp_path, lab_cli):
+    """--only (hosts with a per-command time limit): the tier that ran is not a failure; the line says
+    how to finish the comparison."""
+    from lab.results import read_artifact
+
+    out = tmp_path / "tiers"
+    r = lab_cli(
+        *("compare-tiers", "--preset", "tiny", "--device", "cpu", "--tensor-parallel-gpus", "2"),
+        *("--only", "fallback", "--out", str(out), "--iters", "1", "--prompt-len", "8"),
+        *("--max-new-tokens", "4", "--no-roofline", "--duration", "2", "--target-qps", "4"),
+        *("--load-max-new-tokens", "4", "--prompt-len-min", "8", "--prompt-len-max", "12"),
+        *("--warmup-s", "0.5", "--cooldown-s", "0.5", "--min-requests", "1", "--max-dispatch-lag-ms", "1000"),
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "run the same command with --only multi to compare the tiers" in r.stdout
+    art = read_artifact(out / "tiers.json")
+    assert art.status == "failed" and art.tiers["multi"]["warmup"]["status"] == "missing"
+    assert read_artifact(out / "tp1" / "load_test.json").status == "ok"
+
+
 def test_compare_tiers_from_missing_reports_fails_with_reasons(tmp_path, lab_cli):
     from lab.results import read_artifact
 
