@@ -34,6 +34,14 @@ from lab.env import fingerprint
 from lab.model import ModelSpec, build_model, get_preset, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
+# --smoke (CPU, tiny preset, `compile` instead of CUDA graphs) exercises this script's orchestration on a
+# machine without a GPU, so a GPU session never spends its time on a bug here. Its figures mean nothing.
+DEV, PRESET, COMPILED = "cuda", "llama-8b", "compile-cudagraphs"
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def engine_run(model, args, mode, batch, prompt_len, new_tokens, repeats, dtype_name, bw):
@@ -51,7 +59,7 @@ def engine_run(model, args, mode, batch, prompt_len, new_tokens, repeats, dtype_
     dec, e2e = [], []
     with no_recompile():
         for _ in range(repeats):
-            torch.cuda.synchronize()
+            sync()
             w0 = time.perf_counter()
             r = gen.generate(prompt, new_tokens)
             e2e.append(new_tokens / (time.perf_counter() - w0))
@@ -120,7 +128,7 @@ def hf_runs(model, args, batches, prompt_len, new_tokens, repeats, cd_tuning=Fal
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(DEV):
             hf = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
@@ -141,7 +149,7 @@ def hf_runs(model, args, batches, prompt_len, new_tokens, repeats, cd_tuning=Fal
     for b, arm, kw in plan:
         ids = torch.randint(
             0, args.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(0)
-        ).cuda()
+        ).to(DEV)
         if arm.endswith("+cd-tuning"):
             from lab.engine.generate import tune_inductor
 
@@ -155,10 +163,10 @@ def hf_runs(model, args, batches, prompt_len, new_tokens, repeats, cd_tuning=Fal
             warm_s = time.perf_counter() - t0
             rates = []
             for _ in range(repeats):
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 o = hf.generate(ids, **gen_kw)
-                torch.cuda.synchronize()
+                sync()
                 rates.append((o.shape[1] - prompt_len) / (time.perf_counter() - t0))
             out[f"{arm}/b{b}"] = {
                 "e2e_tok_s_per_user": statistics.median(rates),
@@ -170,7 +178,8 @@ def hf_runs(model, args, batches, prompt_len, new_tokens, repeats, cd_tuning=Fal
             out[f"{arm}/b{b}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(arm, b, out[f"{arm}/b{b}"], flush=True)
     del hf
-    torch.cuda.empty_cache()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -189,6 +198,7 @@ def hf_child(o) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-child", "--arms", "hf", "--out", d]
         cmd += ["--prompt-len", str(o.prompt_len), "--new-tokens", str(o.new_tokens)]
         cmd += ["--repeats", str(o.repeats)] + (["--hf-cd-tuning"] if o.hf_cd_tuning else [])
+        cmd += ["--smoke"] if o.smoke else []
         r = subprocess.run(cmd, cwd=ROOT, timeout=1800)
         try:
             return json.loads((Path(d) / "perf_decode.json").read_text())["hf"]
@@ -275,11 +285,13 @@ def ready_runs():
         "lab",
         "generate",
         "--preset",
-        "llama-8b",
+        PRESET,
+        "--device",
+        DEV,
         "--dtype",
         "bfloat16",
         "--mode",
-        "compile-cudagraphs",
+        COMPILED,
         "--prompt-ids",
         ",".join(str(i) for i in range(1, 33)),
         "--max-new-tokens",
@@ -307,13 +319,19 @@ def main() -> None:
         "--hf-cd-tuning", action="store_true", help="also time HF compiled with our inductor tuning"
     )
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny preset: check the script runs (no figures)"
+    )
     o = ap.parse_args()
+    global DEV, PRESET, COMPILED
+    if o.smoke:
+        DEV, PRESET, COMPILED = "cpu", "tiny", "compile"
     arms = o.arms.split(",")
-    bw = measure_copy_bandwidth("cuda")
+    bw = measure_copy_bandwidth("cuda") if DEV == "cuda" else 1e11  # smoke: a placeholder, not a figure
     result = {
         "fingerprint": fingerprint().model_dump(mode="json"),
         "copy_bandwidth_tb_s": bw / 1e12,
-        "card": torch.cuda.get_device_name(),
+        "card": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke: figures mean nothing)",
         "params": vars(o),
     }
 
@@ -328,9 +346,9 @@ def main() -> None:
         result["hf"] = hf_child(o)
         save()
     if "engine" in arms or o.hf_child:
-        p = prepare("llama-8b", None, "cuda", "bfloat16", 0, 16, o.prompt_len + o.new_tokens)
+        p = prepare(PRESET, None, DEV, "bfloat16", 0, 16, o.prompt_len + o.new_tokens)
         if "engine" in arms:
-            for mode in ("eager", "compile-cudagraphs"):
+            for mode in ("eager", COMPILED):
                 for b in (1, 16):
                     key = f"engine-{mode}/b{b}"
                     result[key] = engine_run(
@@ -348,8 +366,11 @@ def main() -> None:
                 print("hf failed:", result["hf"], flush=True)
         del p
         torch._dynamo.reset()
-        torch.cuda.empty_cache()
-    if "quant" in arms:
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    if "quant" in arms and o.smoke:
+        print("quant: skipped under --smoke (gpt-40b needs the GPU)", flush=True)
+    elif "quant" in arms:
         result["quant"] = quant_runs(bw, o.repeats, o.quant_new_tokens)
         save()
     if "ready" in arms:
@@ -375,7 +396,7 @@ def main() -> None:
             print(f"{k}: peak {v['peak_memory_gb_4k_prompt']:.1f} GB at a 4K prompt")
     hf = result.get("hf", {})
     for b in (1, 16):
-        ours = result.get(f"engine-compile-cudagraphs/b{b}", {}).get("e2e_tok_s_per_user")
+        ours = result.get(f"engine-{COMPILED}/b{b}", {}).get("e2e_tok_s_per_user")
         for arm in ("hf-eager", "hf-static-compile", "hf-static-compile+cd-tuning"):
             theirs = hf.get(f"{arm}/b{b}", {}).get("e2e_tok_s_per_user")
             if ours and theirs:
