@@ -616,3 +616,27 @@ def test_committed_gpu_examples_render_on_every_page(app) -> None:
     goto(at, "warmup")
     shown = {m.label: m.value for m in at.metric}
     assert any("167" in str(v) for v in shown.values()), shown  # the H100's measured decode tokens/s
+
+
+def test_committed_gpu_benchmark_runs_render(app) -> None:
+    """The benchmark evidence with lab artifacts (the H100 load-test sweep, the 2x H200 tier comparison, the
+    health probes) renders on every page when the dashboard is pointed at reports/examples/benchmarks."""
+    bench = Path(__file__).resolve().parent.parent / "reports" / "examples" / "benchmarks"
+    at = app(bench).run()
+    assert_clean(at)
+    runs = at.sidebar.selectbox(key="run_id").options
+    assert {"loadtest-h100", "health-h200x2"} <= {r.split()[0] for r in runs}, runs
+    for page in ("overview", "health", "capacity", "loadtest"):
+        goto(at, page, "loadtest-h100")
+    options = at.selectbox(key="loadtest-artifact").options
+    assert any(o.startswith("sweep/load_test.json") for o in options), options
+    assert any(o.startswith("saturation/load_test.json") for o in options), options
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["TTFT p99 (ms)"] == "41.1", shown  # the playbook load test on the H100
+
+    tiers = app(bench / "tp-h200x2" / "tiers").run()  # `lab compare-tiers` output is its own run
+    assert_clean(tiers)
+    for page in ("overview", "warmup", "loadtest", "capacity"):
+        goto(tiers, page)
+    gpus = sorted(m.value for m in tiers.metric if m.label == "GPUs")
+    assert gpus == ["2", "4"], gpus  # both tiers planned: 2 replicas of one GPU, 2 of the TP=2 pair
