@@ -920,6 +920,9 @@ def build_engine_tp(
         timeout_s,
         allow_smaller_world,
     )
+    from lab.loadtest.session import point_compile_cache
+
+    point_compile_cache(engine_config)
     engine = Engine(prepared.model, engine_config, eos_id=prepared.spec.args.eos_token_id)
     return engine, prepared
 

@@ -17,11 +17,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lab.engine.compile_cache import (  # noqa: F401 - re-exported: lab.bench.warmup.use_compile_cache
+    DEFAULT_COMPILE_CACHE_DIR,
+    cache_counters,
+    cache_state,
+    use_compile_cache,
+)
 from lab.errors import LabError
 from lab.results import Artifact, read_json, register, write_json
 from lab.stats import summarize
 
-DEFAULT_COMPILE_CACHE_DIR = ".compile-cache"
 CACHE_HISTORY_FILE = "lab-compile-times.json"
 MODES = ("auto", "eager", "compile", "compile-cudagraphs")
 MEMORY_ALERT_FRACTION = 0.8  # playbook: keep GPU memory below 80 %
@@ -90,48 +95,6 @@ class WarmupConfig:
 
 
 # --- the compile cache -------------------------------------------------------------------------------
-
-
-def use_compile_cache(cache_dir: str | os.PathLike[str]) -> Path:
-    """Point Inductor's on-disk caches (FX graphs, AOTAutograd, Triton kernels, autotuning) at
-    `cache_dir`/inductor. Call before the first compile in the process; the next process that does the
-    same loads the compiled artifacts instead of recompiling."""
-    path = Path(cache_dir).expanduser().resolve()
-    try:
-        (path / "inductor").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LabError(
-            f"--compile-cache-dir {cache_dir}: cannot create it ({e.strerror or e}); choose a writable directory"
-        ) from None
-    if not os.access(path, os.W_OK):
-        raise LabError(f"--compile-cache-dir {cache_dir} is not writable; choose a writable directory")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
-    return path
-
-
-def cache_counters() -> dict[str, int]:
-    """Inductor's cache hit/miss counters (process-wide, monotonically increasing)."""
-    from torch._dynamo.utils import counters
-
-    return {
-        "fxgraph_hit": int(counters["inductor"]["fxgraph_cache_hit"]),
-        "fxgraph_miss": int(counters["inductor"]["fxgraph_cache_miss"]),
-        "aot_autograd_hit": int(counters["aot_autograd"]["autograd_cache_hit"]),
-        "aot_autograd_miss": int(counters["aot_autograd"]["autograd_cache_miss"]),
-    }
-
-
-def cache_state(before: dict[str, int], after: dict[str, int]) -> tuple[str, dict[str, int]]:
-    """'hit' (every compiled graph came from the cache), 'miss' (none did), 'partial', or 'none'
-    (nothing was compiled)."""
-    delta = {k: after[k] - before.get(k, 0) for k in after}
-    hits = delta["fxgraph_hit"] + delta["aot_autograd_hit"]
-    misses = delta["fxgraph_miss"] + delta["aot_autograd_miss"]
-    if hits and not misses:
-        return "hit", delta
-    if misses and not hits:
-        return "miss", delta
-    return ("partial" if hits else "none"), delta
 
 
 def record_compile_time(cache_dir: Path, key: str, state: str, compile_s: float) -> dict[str, Any]:

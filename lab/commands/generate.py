@@ -22,6 +22,12 @@ def register(sub) -> None:
     p.add_argument("--mode", default="eager", help="eager, compile, compile-cudagraphs (GPU only)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="repeat the prompt over this many rows")
     p.add_argument(
+        "--compile-cache-dir",
+        default=".compile-cache",
+        help="Inductor's compile cache for the compiled modes, shared with lab warmup "
+        "(default .compile-cache; '' for the process default)",
+    )
+    p.add_argument(
         "--tensor-parallel-gpus",
         type=positive_int,
         default=1,
@@ -57,6 +63,10 @@ def run(args) -> int:
     bad = [t for t in args.prompt_ids if not 0 <= t < vocab]
     if bad:
         raise LabError(f"--prompt-ids {bad[:5]} outside the vocabulary [0, {vocab}); use ids below {vocab}")
+    if args.mode != "eager" and args.compile_cache_dir:  # before the first compile, after every check
+        from lab.engine.compile_cache import use_compile_cache
+
+        use_compile_cache(args.compile_cache_dir)
     gen = Generator(prepared.model, args.mode, args.batch_size, seq)
     prompt = torch.tensor([args.prompt_ids] * args.batch_size, dtype=torch.long)
     if args.mode != "eager":

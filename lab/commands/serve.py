@@ -73,6 +73,12 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
         help="decode step: auto (compile-cudagraphs on a GPU, eager on CPU), eager, compile, compile-cudagraphs",
     )
     g.add_argument(
+        "--compile-cache-dir",
+        default=".compile-cache",
+        help="Inductor's compile cache, shared with lab warmup: a restart loads the compiled decode and "
+        "prefill instead of recompiling them (default .compile-cache; '' for the process default)",
+    )
+    g.add_argument(
         "--simulate-step-delay-ms",
         type=nonneg_float,
         default=0.0,
@@ -97,6 +103,8 @@ def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
             else "eager"
         )
     return EngineConfig(
+        # Pointed at by build_engine once the model is built (bad input leaves no directory behind).
+        compile_cache_dir=(args.compile_cache_dir or None) if mode != "eager" else None,
         max_batch_size=args.max_batch_size,
         max_seq_len=max_seq_len,
         max_new_tokens=max_new_tokens_cap,

@@ -61,6 +61,9 @@ class EngineConfig:
     prefill_fixed_shape: bool | None = None
     mode: str = "eager"  # eager, compile, compile-cudagraphs (the decode step)
     step_delay_s: float = 0.0  # drills/tests only: sleep per tick to simulate a slower GPU
+    # Inductor's on-disk cache (lab.engine.compile_cache), already pointed at by the caller; recorded here
+    # so the artifact says where a restart loads its compiled graphs from. None: the process default.
+    compile_cache_dir: str | None = None
 
     def validate(self, model_context: int) -> None:
         checks = [
@@ -169,6 +172,7 @@ class Engine:
         self.ready = threading.Event()
         self.crashed: str | None = None
         self.warmup_s: float | None = None
+        self.compile_cache_state: str | None = None  # set by warmup(): hit, miss, partial or none
         self.outcomes: Counter[str] = Counter()
         self.tokens_generated = 0
         self.decode_steps = 0
@@ -577,7 +581,10 @@ class Engine:
     def warmup(self) -> float:
         """Compile and capture the decode shape (3+ calls for CUDA graphs) and the prefill, so the first
         real request pays no compile. Leaves the cache contents irrelevant (overwritten)."""
+        from lab.engine.compile_cache import cache_counters, cache_state
+
         t0 = time.monotonic()
+        before = cache_counters()
         b, dev = self.config.max_batch_size, self.device
         if self.fixed_prefill:
             r, w = self.config.prefill_rows, self.prefill_width
@@ -601,6 +608,9 @@ class Engine:
             tok.tolist()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+        # hit: every graph came from the on-disk cache (a restart after `lab warmup`/an earlier serve);
+        # miss: compiled from scratch; none: eager, nothing compiled.
+        self.compile_cache_state = cache_state(before, cache_counters())[0]
         return time.monotonic() - t0
 
 

@@ -180,7 +180,12 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "lab", dr
             return JSONResponse({"status": "draining"}, status_code=503)
         if not engine.ready.is_set():
             return JSONResponse({"status": "warming_up"}, status_code=503)
-        return {"status": "ok", "warmup_s": engine.warmup_s, **engine.stats()}
+        return {
+            "status": "ok",
+            "warmup_s": engine.warmup_s,
+            "compile_cache": engine.compile_cache_state,
+            **engine.stats(),
+        }
 
     @app.get("/metrics")
     async def prometheus():

@@ -40,9 +40,19 @@ def build_engine(
     prepared = prepare(
         preset, model_path, device, dtype, seed, engine_config.max_batch_size, engine_config.max_seq_len
     )
+    point_compile_cache(engine_config)
     with oom_context(prepared.plan, prepared.device, "allocating the KV cache"):
         engine = Engine(prepared.model, engine_config, eos_id=prepared.spec.args.eos_token_id)
     return engine, prepared
+
+
+def point_compile_cache(engine_config) -> None:
+    """Before the engine's first compile: Inductor's on-disk cache at engine_config.compile_cache_dir
+    (resolved in place, so the artifact records the absolute path). No-op without one."""
+    if engine_config.compile_cache_dir:
+        from lab.engine.compile_cache import use_compile_cache
+
+        engine_config.compile_cache_dir = str(use_compile_cache(engine_config.compile_cache_dir))
 
 
 def engine_info(engine, prepared) -> dict[str, Any]:
@@ -57,6 +67,7 @@ def engine_info(engine, prepared) -> dict[str, Any]:
         "dtype": dtype_name(prepared.dtype),
         "config": engine_cfg(engine.config),
         "warmup_s": engine.warmup_s,
+        "compile_cache": engine.compile_cache_state,
         "memory_plan": prepared.plan.to_dict(),
         "memory_guard": engine.memory_guard.not_applicable or "active",
     }
