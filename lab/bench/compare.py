@@ -486,11 +486,6 @@ def compare_inference_methods(
         raise LabError("warmup must be >= 0")
     if max_new_tokens < 2:
         raise LabError("max_new_tokens must be >= 2 so that at least one decode step is timed")
-    if compile_cache_dir:
-        from lab.bench.warmup import use_compile_cache
-
-        use_compile_cache(compile_cache_dir)
-
     max_seq = prompt_len + max(max_new_tokens, 4)
     plan: dict[str, Any] = {}
     if isinstance(model, Transformer):
@@ -512,6 +507,12 @@ def compare_inference_methods(
             raise LabError("model must be a lab Transformer, a preset name, or None")
         prepared = prepare(model, model_path, device, dtype, seed, batch_size, max_seq)
         model, preset, plan = prepared.model, prepared.spec.preset, prepared.plan.to_dict()
+    if (
+        compile_cache_dir
+    ):  # after every check and the model build (bad input leaves no directory), before compiling
+        from lab.engine.compile_cache import use_compile_cache
+
+        use_compile_cache(compile_cache_dir)
     dev, dt = model.output.weight.device, model.output.weight.dtype
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.args.vocab_size, (batch_size, prompt_len), generator=gen)

@@ -223,9 +223,6 @@ def prepare_warmup(cfg: WarmupConfig):
     device = resolve_device(cfg.device)
     mode = resolve_mode(cfg.mode, device)
     check_mode(mode, device)
-    cache_dir = None
-    if cfg.compile_cache_dir and mode != "eager":
-        cache_dir = use_compile_cache(cfg.compile_cache_dir)
     max_seq = cfg.prompt_len + max(cfg.max_new_tokens, 4)  # Generator.warmup primes 4 tokens
     if cfg.tensor_parallel_gpus > 1:
         prepared = _tp_prepare(cfg, cfg.batch_size, max_seq)
@@ -233,6 +230,9 @@ def prepare_warmup(cfg: WarmupConfig):
         prepared = prepare(
             cfg.preset, cfg.model_path, cfg.device, cfg.dtype, cfg.seed, cfg.batch_size, max_seq
         )
+    cache_dir = None
+    if cfg.compile_cache_dir and mode != "eager":  # after every check: bad input leaves no directory
+        cache_dir = use_compile_cache(cfg.compile_cache_dir)
     return prepared, cache_dir
 
 
