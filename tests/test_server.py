@@ -46,7 +46,7 @@ def serve(model):
 
     started: list[Served] = []
 
-    def start(warmup_gate: threading.Event | None = None, **kw) -> Served:
+    def start(warmup_gate: threading.Event | None = None, admin_token: str | None = None, **kw) -> Served:
         kw.setdefault("max_batch_size", 4)
         kw.setdefault("max_seq_len", 256)
         kw.setdefault("max_new_tokens", 64)
@@ -54,7 +54,7 @@ def serve(model):
         if warmup_gate is not None:
             real = engine.warmup
             engine.warmup = lambda: (warmup_gate.wait(30), real())[1]
-        app = create_app(engine, ByteTokenizer(), "tiny", drain_timeout_s=10)
+        app = create_app(engine, ByteTokenizer(), "tiny", drain_timeout_s=10, admin_token=admin_token)
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
         th = threading.Thread(target=server.run, daemon=True)
@@ -188,6 +188,33 @@ def test_drain_call_stops_admission(serve):
     assert httpx.get(s.url + "/health").json()["status"] == "draining"
     r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+
+
+def test_drain_with_an_admin_token_needs_the_token(serve):
+    s = serve(admin_token="s3cret")
+    wait_ready(s.url)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        r = httpx.post(s.url + "/admin/drain", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", headers
+    assert httpx.get(s.url + "/health").json()["status"] == "ok"  # refused calls change nothing
+    r = httpx.post(s.url + "/admin/drain", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and httpx.get(s.url + "/health").json()["status"] == "draining"
+
+
+def test_without_a_token_only_this_host_may_drain():
+    from starlette.requests import Request
+
+    from lab.engine.server import admin_refusal
+
+    def request(host: str) -> Request:
+        return Request(
+            {"type": "http", "method": "POST", "path": "/admin/drain", "headers": [], "client": (host, 5)}
+        )
+
+    assert admin_refusal(request("127.0.0.1"), None) is None
+    assert admin_refusal(request("::1"), None) is None
+    refused = admin_refusal(request("10.1.2.3"), None)
+    assert refused.status_code == 403 and b"--admin-token" in refused.body
 
 
 def test_loadtest_against_the_endpoint(serve, tmp_path):

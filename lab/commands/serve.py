@@ -143,6 +143,12 @@ def register(sub) -> None:
         help="the model id clients send and /v1/models lists (default: the preset)",
     )
     p.add_argument(
+        "--admin-token",
+        default=None,
+        help="require 'Authorization: Bearer TOKEN' on POST /admin/drain (default $LAB_ADMIN_TOKEN; "
+        "without one, only clients on this host may drain)",
+    )
+    p.add_argument(
         "--drain-timeout-s",
         type=positive_float,
         default=30.0,
@@ -197,7 +203,10 @@ def run(args) -> int:
         engine, prepared = build_engine(args.preset, args.model_path, args.device, args.dtype, args.seed, cfg)
     tokenizer = load_tokenizer(prepared.spec.model_path, prepared.spec.args.vocab_size)
     name = args.model_name or prepared.spec.preset or "lab"
-    app = create_app(engine, tokenizer, name, args.drain_timeout_s)
+    import os
+
+    token = args.admin_token or os.environ.get("LAB_ADMIN_TOKEN") or None
+    app = create_app(engine, tokenizer, name, args.drain_timeout_s, admin_token=token)
     import sys
 
     print(

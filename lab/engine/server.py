@@ -130,9 +130,41 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "lab", drain_timeout_s: float = 30.0):
+LOOPBACK_CLIENTS = {"127.0.0.1", "::1", "localhost"}
+
+
+def admin_refusal(request: Request, admin_token: str | None) -> JSONResponse | None:
+    """`/admin/*` guard. With a token (--admin-token / $LAB_ADMIN_TOKEN) the call must carry
+    `Authorization: Bearer <token>` (compared in constant time); without one only loopback clients may call.
+    Returns the refusal, or None when the call may proceed."""
+    import hmac
+
+    if admin_token:
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), admin_token.encode()):
+            return _error(401, "admin calls need 'Authorization: Bearer <the --admin-token>'", "unauthorized")
+        return None
+    client = request.client.host if request.client else None
+    if client not in LOOPBACK_CLIENTS:
+        return _error(
+            403,
+            f"admin calls are accepted from this host only (client {client}); start lab serve with "
+            "--admin-token to allow them from elsewhere",
+            "forbidden",
+        )
+    return None
+
+
+def create_app(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    model_name: str = "lab",
+    drain_timeout_s: float = 30.0,
+    admin_token: str | None = None,
+):
     """The ASGI app. Starting it (lifespan) starts the engine thread and its warm-up; shutting it down
-    drains the engine and prints the drain report."""
+    drains the engine and prints the drain report. `admin_token`: see admin_refusal."""
     from contextlib import asynccontextmanager
 
     metrics = Metrics(engine)
@@ -198,7 +230,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "lab", dr
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "lab"}]}
 
     @app.post("/admin/drain")
-    async def drain():
+    async def drain(request: Request):
+        refusal = admin_refusal(request, admin_token)
+        if refusal is not None:
+            return refusal
         engine.begin_drain()
         return {"status": "draining", **engine.stats()}
 
