@@ -40,7 +40,7 @@ def free_gb(device: Any) -> float | None:
     try:
         import torch
 
-        if getattr(device, "type", str(device)) != "cuda" and not str(device).startswith("cuda"):
+        if torch.device(device).type != "cuda":
             return None
         torch.cuda.empty_cache()
         return round(torch.cuda.mem_get_info(device)[0] / 1e9, 2)

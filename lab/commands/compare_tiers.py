@@ -164,7 +164,7 @@ def run(args) -> int:
 
 def _other_tier_pending(args, art) -> bool:
     """With --only: this tier ran cleanly and the only thing missing is the other tier's files."""
-    if args.tier_worker or args.from_reports or not args.only:
+    if not args.only:
         return False
     other = "fallback" if args.only == "multi" else "multi"
     mine, theirs = art.tiers.get(args.only, {}), art.tiers.get(other, {})
