@@ -7,6 +7,7 @@ Arms (select with --arms):
            torch.compile(reduce-overhead, fullgraph) as its documentation recommends; same prompt/call
   quant    gpt-40b weight-only fp8 and int8 on one card: peak memory with a 4K-token prompt, batch-16 decode
            MBU; bf16 vs fp8/int8 agreement (greedy tokens, logit error) on a 4-layer gpt-40b-shaped model
+  agreement  only quant's agreement part (4-layer gpt-40b-shaped model, about a minute)
   ready    time to ready: process start -> first token for llama-8b with compile-cudagraphs, cold and with the
            inductor cache persisted by the first process
 
@@ -205,8 +206,10 @@ def hf_child(o) -> dict:
             return {"error": f"hf child exited {r.returncode}: {e}"}
 
 
-def quant_runs(bw, repeats, new_tokens=128):
-    res = {}
+def quant_runs(bw, repeats, new_tokens=128, res=None, save=lambda: None):
+    """Fills `res` (the result's "quant" entry) and calls `save` after every arm: a run that is killed part
+    way (the device's time limit) keeps what it measured."""
+    res = {} if res is None else res
     # 1. Fit: the full gpt-40b on one card, 4K-token prompt, peak memory.
     for kind in ("fp8", "int8"):
         torch.cuda.empty_cache()
@@ -228,13 +231,21 @@ def quant_runs(bw, repeats, new_tokens=128):
                 except Exception as e:
                     row[mode] = {"error": f"{type(e).__name__}: {e}"[:500]}
                 print("quant", kind, mode, row[mode], flush=True)
+                res[f"gpt-40b-{kind}"] = row
+                save()
             row["peak_memory_gb_overall"] = torch.cuda.max_memory_allocated() / 1e9
             res[f"gpt-40b-{kind}"] = row
             del p, gen
         except Exception as e:
             res[f"gpt-40b-{kind}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        save()
         torch._dynamo.reset()
         torch.cuda.empty_cache()
+    quant_agreement(res, save)
+    return res
+
+
+def quant_agreement(res, save=lambda: None):
     # 2. Agreement: a 4-layer gpt-40b-shaped model in bf16 vs quantised (random weights). Free-running greedy
     # tokens diverge for good after the first flip, so the main figures are teacher-forced: both models read
     # the bf16 model's own greedy continuation and we compare their next-token argmax and logits per position.
@@ -263,6 +274,7 @@ def quant_runs(bw, repeats, new_tokens=128):
             "so top-1 flips are likelier than on a trained model",
         }
         print(res[f"agreement-{kind}"], flush=True)
+        save()
         del qm
     torch.cuda.empty_cache()
     return res
@@ -394,7 +406,10 @@ def main() -> None:
     if "quant" in arms and o.smoke:
         print("quant: skipped under --smoke (gpt-40b needs the GPU)", flush=True)
     elif "quant" in arms:
-        result["quant"] = quant_runs(bw, o.repeats, o.quant_new_tokens)
+        quant_runs(bw, o.repeats, o.quant_new_tokens, result.setdefault("quant", {}), save)
+        save()
+    elif "agreement" in arms:  # only the bf16-vs-quantised agreement on the 4-layer model (about a minute)
+        quant_agreement(result.setdefault("quant", {}), save)
         save()
     if "ready" in arms:
         result["ready"] = ready_runs()
@@ -415,6 +430,11 @@ def main() -> None:
                     f"{k + '/' + mode + '/b16':34s} {v[mode]['decode_tok_s_per_user']:10.1f} "
                     f"{v[mode]['decode_tok_s_aggregate']:10.1f} {v[mode]['mbu']:6.2f}"
                 )
+        if "teacher_forced_top1_agreement" in v:
+            print(
+                f"{k}: teacher-forced top-1 {v['teacher_forced_top1_agreement']:.3f}, "
+                f"logit rel error {v['teacher_forced_logit_rel_error']:.4f}"
+            )
         if "peak_memory_gb_4k_prompt" in v:
             print(f"{k}: peak {v['peak_memory_gb_4k_prompt']:.1f} GB at a 4K prompt")
     hf = result.get("hf", {})

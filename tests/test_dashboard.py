@@ -633,6 +633,11 @@ def test_committed_gpu_benchmark_runs_render(app) -> None:
     assert any(o.startswith("saturation/load_test.json") for o in options), options
     shown = {m.label: m.value for m in at.metric}
     assert shown["TTFT p99 (ms)"] == "41.1", shown  # the playbook load test on the H100
+    # The real out-of-memory runs: failed artifacts render as failed, with their reason, not as a crash.
+    assert "oom-h100" in {r.split()[0] for r in runs}, runs
+    for page in ("overview", "warmup", "loadtest"):
+        goto(at, page, "oom-h100")
+    assert "out of memory" in " ".join(str(e.value) for e in at.error), [e.value for e in at.error]
 
     tiers = app(bench / "tp-h200x2" / "tiers").run()  # `lab compare-tiers` output is its own run
     assert_clean(tiers)
