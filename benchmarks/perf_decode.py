@@ -8,8 +8,8 @@ Arms (select with --arms):
   quant    gpt-40b weight-only fp8 and int8 on one card: peak memory with a 4K-token prompt, batch-16 decode
            MBU; bf16 vs fp8/int8 agreement (greedy tokens, logit error) on a 4-layer gpt-40b-shaped model
   agreement  only quant's agreement part (4-layer gpt-40b-shaped model, about a minute)
-  ready    time to ready: process start -> first token for llama-8b with compile-cudagraphs, cold and with the
-           inductor cache persisted by the first process
+  ready    time to ready: process start -> first token served by `lab serve` (llama-8b, compile-cudagraphs)
+           after `lab warmup` primed the cache, on a restart, and cold; with each start's phases
 
     python benchmarks/perf_decode.py --arms engine,hf --out DIR   # on the GPU host
 Writes DIR/perf_decode.json with the environment fingerprint; prints the table last.
@@ -299,7 +299,7 @@ def _time_to_first_token(cache: str) -> dict:
     cmd = [sys.executable, "-m", "lab", "serve", "--preset", PRESET, "--device", DEV, "--dtype", "bfloat16"]
     cmd += ["--mode", COMPILED, "--port", str(port), "--compile-cache-dir", cache]
     base = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
+    t0, epoch0 = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     res: dict = {}
     try:
@@ -317,6 +317,10 @@ def _time_to_first_token(cache: str) -> dict:
         res["healthy_s"] = time.perf_counter() - t0
         res["engine_warmup_s"] = (health or {}).get("warmup_s")
         res["compile_cache"] = (health or {}).get("compile_cache")
+        # Where the seconds went: process start -> the server's own marks (lab.startup), then its phases.
+        marks = ((health or {}).get("startup") or {}).get("marks") or {}
+        res["startup_marks_s"] = {k: v - epoch0 for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
+        res["startup_phases_s"] = ((health or {}).get("startup") or {}).get("phases_s")
         body = json.dumps({"model": PRESET, "prompt": list(range(1, 33)), "max_tokens": 1}).encode()
         req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
@@ -331,14 +335,32 @@ def _time_to_first_token(cache: str) -> dict:
     return res
 
 
-def ready_runs():
+def ready_runs(save=lambda: None, out=None):
     """Time to ready for the fallback: process start -> first token served by `lab serve` (after its
-    warm-up: /health 200), cold (empty compile cache) then warm (the cache the first process wrote)."""
+    warm-up: /health 200), in the playbook's order and after restarts:
+      after_warmup  `lab warmup` (step 3; it primes the server's steps into a fresh cache dir), then serve
+      warm_cache    serve again on that cache (a restart of the fallback server)
+      cold          serve on an empty cache dir (no warm-up ran)"""
+    out = {} if out is None else out
+    out["command"] = f"lab serve --preset {PRESET} --mode {COMPILED} --compile-cache-dir DIR"
     cache = tempfile.mkdtemp(prefix="compile-cache-")
-    out = {"command": f"lab serve --preset {PRESET} --mode {COMPILED} --compile-cache-dir DIR"}
-    for label in ("cold", "warm_cache"):
-        out[label] = _time_to_first_token(cache)
+    warm = [sys.executable, "-m", "lab", "warmup", "--preset", PRESET, "--device", DEV, "--dtype", "bfloat16"]
+    warm += ["--mode", COMPILED, "--compile-cache-dir", cache, "--iters", "1", "--warmup", "0"]
+    warm += ["--no-roofline", "--output-json", str(Path(cache) / "warmup.json")]
+    t0 = time.perf_counter()
+    r = subprocess.run(warm, cwd=ROOT, capture_output=True, text=True)
+    out["lab_warmup"] = {"wall_s": time.perf_counter() - t0, "exit_code": r.returncode}
+    if r.returncode == 0:
+        art = json.loads((Path(cache) / "warmup.json").read_text())
+        out["lab_warmup"]["serving_prime"] = art.get("compile", {}).get("serving")
+    else:
+        out["lab_warmup"]["error"] = r.stderr[-800:]
+    print("ready lab_warmup", out["lab_warmup"], flush=True)
+    save()
+    for label, d in (("after_warmup", cache), ("warm_cache", cache), ("cold", tempfile.mkdtemp())):
+        out[label] = _time_to_first_token(d)
         print("ready", label, out[label], flush=True)
+        save()
     return out
 
 
@@ -412,7 +434,7 @@ def main() -> None:
         quant_agreement(result.setdefault("quant", {}), save)
         save()
     if "ready" in arms:
-        result["ready"] = ready_runs()
+        ready_runs(save, result.setdefault("ready", {}))
     save()
     # The table: ratios against targets.
     print(f"\ncard {result['card']}, copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -445,13 +467,15 @@ def main() -> None:
             if ours and theirs:
                 print(f"ours/{arm} b{b}: {ours / theirs:.2f}x  ({ours:.1f} vs {theirs:.1f} tok/s/user, e2e)")
     if "ready" in result:
-        for label in ("cold", "warm_cache"):
+        for label in ("after_warmup", "warm_cache", "cold"):
             r = result["ready"].get(label, {})
             print(
                 f"time to ready ({label}): first token {r.get('first_token_s', float('nan')):.1f} s, "
                 f"/health 200 at {r.get('healthy_s', float('nan')):.1f} s, cache {r.get('compile_cache')}"
                 + (f"; error: {r['error'][:200]}" if "error" in r else "")
             )
+            if r.get("startup_marks_s"):
+                print("    " + ", ".join(f"{k} {v:.1f} s" for k, v in r["startup_marks_s"].items()))
 
 
 if __name__ == "__main__":

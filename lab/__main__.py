@@ -1,4 +1,8 @@
-from lab.cli import main
+from lab import startup
+
+startup.mark("main")  # the interpreter is up and the lab package imported
+
+from lab.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     rc = main()

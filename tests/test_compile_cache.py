@@ -14,18 +14,43 @@ LOADTEST = (
 )
 
 
-def test_a_restart_loads_the_serving_engine_from_the_compile_cache(tmp_path, lab_cli):
+def test_warmup_primes_the_server_and_a_restart_loads_it_from_the_cache(tmp_path, lab_cli):
+    """The playbook's order: `lab warmup` (step 3) compiles the serving engine's steps at the server's shapes,
+    so the engine started next (here the load test's, batch 2 x 20 tokens) loads them: a cache hit."""
     cache = tmp_path / "cache"
-    engines = []
-    for i in (1, 2):
-        out = tmp_path / f"run{i}" / "load_test.json"
-        r = lab_cli(*LOADTEST, "--compile-cache-dir", str(cache), "--output-json", str(out), timeout=400)
-        assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-        engines.append(read_artifact(out).engine)
-    cold, warm = engines
-    assert cold["compile_cache"] == "miss" and warm["compile_cache"] == "hit", (cold, warm)
-    assert cold["config"]["compile_cache_dir"] == warm["config"]["compile_cache_dir"] == str(cache.resolve())
+    warm = tmp_path / "warmup.json"
+    r = lab_cli(
+        *(
+            "warmup",
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--mode",
+            "compile",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+        ),
+        *("--prompt-len", "8", "--max-new-tokens", "4", "--no-roofline", "--compile-cache-dir", str(cache)),
+        *("--serve-max-batch-size", "2", "--serve-max-seq-len", "20", "--output-json", str(warm)),
+        timeout=400,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    serving = read_artifact(warm).compile["serving"]
+    assert serving["status"] == "ok" and serving["cache_state"] == "miss", serving
+    assert (serving["max_batch_size"], serving["max_seq_len"]) == (2, 20) and serving["prime_s"] > 0
+    assert "serving steps (batch 2 x 20 tokens) primed" in r.stdout, r.stdout
     assert any((cache / "inductor").rglob("*")), "nothing was written to the cache"
+
+    out = tmp_path / "run" / "load_test.json"
+    r = lab_cli(*LOADTEST, "--compile-cache-dir", str(cache), "--output-json", str(out), timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    engine = read_artifact(out).engine
+    assert engine["compile_cache"] == "hit", engine
+    assert engine["config"]["compile_cache_dir"] == str(cache.resolve())
+    assert (engine["config"]["max_batch_size"], engine["config"]["max_seq_len"]) == (2, 20)
 
 
 def test_eager_and_bad_input_leave_no_cache_directory(tmp_path, lab_cli):

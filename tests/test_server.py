@@ -94,7 +94,14 @@ def test_health_is_503_until_warmed_up(serve):
     assert early.status_code == 503 and early.json()["error"]["code"] == "warming_up"
     gate.set()
     wait_ready(s.url)
-    assert httpx.get(s.url + "/health").json()["status"] == "ok"
+    body = httpx.get(s.url + "/health").json()
+    assert body["status"] == "ok"
+    # where the start's seconds went: epoch marks (this process: engine ready at least) and their gaps
+    marks = body["startup"]["marks"]
+    assert "ready" in marks and all(v > 1.7e9 for v in marks.values()), marks
+    assert set(body["startup"]["phases_s"]) == {
+        f"{a}->{b}" for a, b in zip(sorted(marks, key=marks.get), sorted(marks, key=marks.get)[1:])
+    }
 
 
 def test_openai_client_streams_one_token_per_event_with_usage_last(serve):

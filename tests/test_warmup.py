@@ -69,10 +69,16 @@ def test_playbook_command_verbatim_writes_a_valid_artifact(lab_cli, tmp_path):
 def test_compile_cache_is_written_and_reused_by_the_next_process(lab_cli, tmp_path):
     cache = tmp_path / "cc"
     argv = [*SMALL, "--mode", "compile", "--iters", "2", "--warmup", "0", "--compile-cache-dir", str(cache)]
+    argv.append("--no-prime-serving")  # priming the server's steps: tests/test_compile_cache.py
     first = lab_cli("warmup", *argv, "--output-json", str(tmp_path / "cold.json"))
     assert first.returncode == 0, first.stderr
     cold = read_artifact(tmp_path / "cold.json")
     assert cold.compile["cache_state"] == "miss" and cold.summary["compile_cache_hit"] is False
+    assert (
+        cold.compile["serving"]["status"] == "skipped"
+        and "--no-prime-serving" in cold.compile["serving"]["reason"]
+    )
+    assert cold.summary["serving_prime_s"] is None and "not asked" in cold.unavailable["serving_prime_s"]
     assert cold.summary["compile_s"] > 0 and cold.summary["compile_s_cold"] == cold.summary["compile_s"]
     assert (
         cold.summary["compile_s_warm"] is None
@@ -107,6 +113,8 @@ def test_compile_cache_is_written_and_reused_by_the_next_process(lab_cli, tmp_pa
         (["--mode", "compile-cudagraphs"], "needs a CUDA"),
         (["--iters", "0"], "must be >"),
         (["--prompt-len", "2000"], "exceeds the model's context"),
+        (["--mode", "compile", "--serve-max-seq-len", "100000"], "--serve-max-seq-len 100000 exceeds"),
+        (["--serve-max-batch-size", "0"], "--serve-max-batch-size"),
     ],
 )
 def test_usage_errors_are_one_line_and_write_nothing(lab_cli, tmp_path, extra, needle):

@@ -78,17 +78,25 @@ class WarmupConfig:
     compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR
     tensor_parallel_gpus: int = 1
     measure_roofline: bool = True
+    # Also compile the serving engine's decode and prefill steps into the compile cache, at the shapes
+    # `lab serve` uses (these flags must match its --max-batch-size / --max-seq-len), so the server that
+    # the playbook starts next (step 4) loads them instead of compiling. Compiled modes, one GPU only.
+    prime_serving: bool = True
+    serve_max_batch_size: int = 16
+    serve_max_seq_len: int | None = None  # None: as `lab serve`, min(4096, the model's context)
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise LabError(f"unknown mode '{self.mode}'; choose one of: {', '.join(MODES)}")
-        for name in ("batch_size", "prompt_len", "iters", "tensor_parallel_gpus"):
+        for name in ("batch_size", "prompt_len", "iters", "tensor_parallel_gpus", "serve_max_batch_size"):
             if getattr(self, name) < 1:
                 raise LabError(f"--{name.replace('_', '-')} must be >= 1")
         if self.warmup < 0:
             raise LabError("--warmup must be >= 0")
         if self.max_new_tokens < 2:
             raise LabError("--max-new-tokens must be >= 2 so that at least one decode step is timed")
+        if self.serve_max_seq_len is not None and self.serve_max_seq_len < 2:
+            raise LabError("--serve-max-seq-len must be >= 2")
 
     def to_params(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,6 +232,15 @@ def prepare_warmup(cfg: WarmupConfig):
     mode = resolve_mode(cfg.mode, device)
     check_mode(mode, device)
     max_seq = cfg.prompt_len + max(cfg.max_new_tokens, 4)  # Generator.warmup primes 4 tokens
+    if cfg.prime_serving and cfg.serve_max_seq_len is not None and mode != "eager":
+        from lab.model import resolve_spec
+
+        context = resolve_spec(cfg.preset, cfg.model_path, device).args.max_seq_len
+        if cfg.serve_max_seq_len > context:
+            raise LabError(
+                f"--serve-max-seq-len {cfg.serve_max_seq_len} exceeds the model's context of {context} tokens; "
+                "use the --max-seq-len you serve with (at most the context)"
+            )
     if cfg.tensor_parallel_gpus > 1:
         prepared = _tp_prepare(cfg, cfg.batch_size, max_seq)
     else:
@@ -359,8 +376,66 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
     s["mbu"] = art.roofline.get("mbu")
     s["decode_mfu"] = art.roofline.get("decode_mfu")
     s["copy_bandwidth_gb_s"] = art.roofline.get("copy_bandwidth_gb_s")
+    del gen
+    art.compile["serving"] = prime_serving(cfg, prepared, mode, cache_dir)
+    s["serving_prime_s"] = art.compile["serving"].get("prime_s")
+    if s["serving_prime_s"] is None:
+        un["serving_prime_s"] = art.compile["serving"]["reason"]
     art.summary = s
     return finish(art)
+
+
+def serving_shapes(cfg: WarmupConfig, prepared) -> tuple[int, int]:
+    """(max batch, max sequence length) of the engine `lab serve` builds with the same flags."""
+    seq = cfg.serve_max_seq_len or min(4096, prepared.spec.args.max_seq_len)
+    return cfg.serve_max_batch_size, seq
+
+
+def prime_serving(cfg: WarmupConfig, prepared, mode: str, cache_dir: Path | None) -> dict[str, Any]:
+    """Compile the serving engine's steps (what `lab serve` compiles at start) into the compile cache, so
+    the server started after the warm-up loads them: the playbook's "primes TorchDynamo graphs" for the
+    server, and the fallback's time to ready. Returns what was done, or why not (never fails the warm-up:
+    its figures are already measured; a skipped or failed prime only costs the server a cold compile)."""
+    from lab.distributed import world_size
+    from lab.engine.batching import Engine, EngineConfig
+    from lab.faults import is_oom
+
+    batch, seq = serving_shapes(cfg, prepared)
+    info: dict[str, Any] = {"max_batch_size": batch, "max_seq_len": seq, "prime_s": None}
+    why = None
+    if not cfg.prime_serving:
+        why = "not asked (--no-prime-serving)"
+    elif mode == "eager":
+        why = "mode eager compiles nothing: the server has nothing to load"
+    elif cache_dir is None:
+        why = "no --compile-cache-dir: nothing would persist for the server"
+    elif world_size() > 1:
+        why = "tensor parallel: the TP server compiles its own sharded steps"
+    if why:
+        return {**info, "status": "skipped", "reason": why}
+    import torch
+
+    # Forget the warm-up's compiled frames: dynamo would otherwise see decode_step called again at another
+    # batch size, mark the dimension dynamic (automatic dynamic shapes) and compile a different graph from
+    # the static one `lab serve` compiles, which would then miss the cache.
+    torch._dynamo.reset()
+    before = cache_counters()
+    try:
+        engine = Engine(
+            prepared.model,
+            EngineConfig(max_batch_size=batch, max_seq_len=seq, mode=mode, compile_cache_dir=str(cache_dir)),
+            eos_id=prepared.spec.args.eos_token_id,
+        )
+        with torch.inference_mode():  # as the engine's own thread runs it (Engine._run): the same graphs
+            prime_s = engine.warmup()
+    except LabError as e:  # the serving shapes do not fit beside this process (the memory guard)
+        return {**info, "status": "skipped", "reason": f"the serving shapes do not fit: {e}"}
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        return {**info, "status": "failed", "reason": f"out of memory compiling the serving steps: {e}"[:400]}
+    state, delta = cache_state(before, cache_counters())
+    return {**info, "status": "ok", "prime_s": prime_s, "cache_state": state, "cache_counters": delta}
 
 
 def weight_dtype(prepared) -> str:
@@ -432,8 +507,21 @@ def describe(art: WarmupArtifact) -> str:
             f"(cache {art.compile.get('cache_state')}; cold {f('compile_s_cold')} s, warm {f('compile_s_warm')} s)",
             f"  power {f('power_w_mean', '{:.0f}')} W | energy {f('energy_j', '{:.1f}')} J | "
             f"{f('tokens_per_joule')} tokens/J | MBU {f('mbu', '{:.1%}')}",
+            serving_line(art.compile.get("serving")),
         ]
     )
+
+
+def serving_line(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "  serving steps: not primed (an artifact from before priming existed)"
+    shape = f"batch {p['max_batch_size']} x {p['max_seq_len']} tokens"
+    if p.get("status") == "ok":
+        return (
+            f"  serving steps ({shape}) primed in {p['prime_s']:.1f} s (cache {p.get('cache_state')}): "
+            "`lab serve` with the same --max-batch-size/--max-seq-len and --compile-cache-dir loads them"
+        )
+    return f"  serving steps ({shape}) {p.get('status')}: {p.get('reason')}"
 
 
 def run_and_write(cfg: WarmupConfig, path: str | os.PathLike[str]) -> WarmupArtifact:

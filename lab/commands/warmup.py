@@ -11,7 +11,8 @@ def register(sub) -> None:
         "warmup",
         help="warm the model: prime compiled graphs, record the latency envelope, memory, energy, MBU",
         description="Prime the compiled decode step (persisting the compile cache for the next process), "
-        "then time --iters iterations of prefill + decode and write the warm-up artifact.",
+        "then time --iters iterations of prefill + decode and write the warm-up artifact. In compiled modes "
+        "it then compiles the serving engine's steps too, so `lab serve` starts from the cache.",
     )
     add_model_args(p)
     p.add_argument("--iters", type=positive_int, default=3, help="timed iterations (default 3)")
@@ -41,6 +42,26 @@ def register(sub) -> None:
         "--compile-cache-dir",
         default=".compile-cache",
         help="where Inductor's compile cache is persisted and reloaded by the next run (default .compile-cache)",
+    )
+    g = p.add_argument_group("priming the server (playbook step 4 starts it next)")
+    g.add_argument(
+        "--no-prime-serving",
+        dest="prime_serving",
+        action="store_false",
+        help="do not compile the serving engine's decode and prefill into the compile cache (compiled modes "
+        "prime them by default, so `lab serve` with the same shapes starts from the cache)",
+    )
+    g.add_argument(
+        "--serve-max-batch-size",
+        type=positive_int,
+        default=16,
+        help="the --max-batch-size `lab serve` will use (default 16, as lab serve)",
+    )
+    g.add_argument(
+        "--serve-max-seq-len",
+        type=positive_int,
+        default=None,
+        help="the --max-seq-len `lab serve` will use (default: as lab serve, min(4096, the model's context))",
     )
     p.add_argument(
         "--no-roofline",
@@ -78,6 +99,9 @@ def run(args) -> int:
         compile_cache_dir=args.compile_cache_dir or None,
         tensor_parallel_gpus=args.tensor_parallel_gpus,
         measure_roofline=args.measure_roofline,
+        prime_serving=args.prime_serving,
+        serve_max_batch_size=args.serve_max_batch_size,
+        serve_max_seq_len=args.serve_max_seq_len,
     )
     from lab.trace import trace_region
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lab.engine.generate import check_mode, compile_fn, decode_step, no_recompile, sample
+from lab.engine.generate import check_mode, compile_fn, decode_step, no_recompile, sample, tune_inductor
 from lab.errors import LabError
 from lab.model.llama import Transformer
 
@@ -318,12 +318,20 @@ class Engine:
 
     def _run(self, warmup: bool) -> None:
         try:
+            if self.config.mode != "eager":
+                # Inductor's config overrides are per thread from torch 2.12 (ContextVars): set in the thread
+                # that built the engine, they did not reach this one, so the server compiled without the
+                # tuning (and with other cache keys than `lab warmup`'s prime, which then missed).
+                tune_inductor()
             if self.config.mode == "compile-cudagraphs":
                 _cudagraph_state_for_this_thread()
             with torch.inference_mode():
                 if warmup or self.config.mode != "eager":  # compiled modes must not compile under load
                     self._send_plan({"op": "warmup"})
                     self.warmup_s = self.warmup()
+                from lab.startup import mark
+
+                mark("ready")
                 self.ready.set()
                 guard = no_recompile() if self.config.mode != "eager" else _nullcontext()
                 with guard:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lab import startup
 from lab.engine.batching import Engine
 from lab.engine.batching import Request as EngineRequest
 from lab.engine.tokenizer import IncrementalDecoder, Tokenizer
@@ -216,6 +217,8 @@ def create_app(
             "status": "ok",
             "warmup_s": engine.warmup_s,
             "compile_cache": engine.compile_cache_state,
+            # Where the start's seconds went: epoch marks and the gaps between them (lab.startup).
+            "startup": {"marks": dict(startup.MARKS), "phases_s": startup.phases()},
             **engine.stats(),
         }
 

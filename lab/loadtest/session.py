@@ -40,9 +40,13 @@ def build_engine(
     prepared = prepare(
         preset, model_path, device, dtype, seed, engine_config.max_batch_size, engine_config.max_seq_len
     )
+    from lab.startup import mark
+
+    mark("model_built")
     point_compile_cache(engine_config)
     with oom_context(prepared.plan, prepared.device, "allocating the KV cache"):
         engine = Engine(prepared.model, engine_config, eos_id=prepared.spec.args.eos_token_id)
+    mark("engine_built")
     return engine, prepared
 
 
