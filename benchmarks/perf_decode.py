@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # --smoke (CPU, tiny preset, `compile` instead of CUDA graphs) exercises this script's orchestration on a
 # machine without a GPU, so a GPU session never spends its time on a bug here. Its figures mean nothing.
 DEV, PRESET, COMPILED = "cuda", "llama-8b", "compile-cudagraphs"
+READY_MODE = COMPILED  # --ready-mode
 
 
 def sync() -> None:
@@ -297,7 +298,7 @@ def _time_to_first_token(cache: str) -> dict:
 
     port = _free_port()
     cmd = [sys.executable, "-m", "lab", "serve", "--preset", PRESET, "--device", DEV, "--dtype", "bfloat16"]
-    cmd += ["--mode", COMPILED, "--port", str(port), "--compile-cache-dir", cache]
+    cmd += ["--mode", READY_MODE, "--port", str(port), "--compile-cache-dir", cache]
     base = f"http://127.0.0.1:{port}"
     t0, epoch0 = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -342,10 +343,10 @@ def ready_runs(save=lambda: None, out=None):
       warm_cache    serve again on that cache (a restart of the fallback server)
       cold          serve on an empty cache dir (no warm-up ran)"""
     out = {} if out is None else out
-    out["command"] = f"lab serve --preset {PRESET} --mode {COMPILED} --compile-cache-dir DIR"
+    out["command"] = f"lab serve --preset {PRESET} --mode {READY_MODE} --compile-cache-dir DIR"
     cache = tempfile.mkdtemp(prefix="compile-cache-")
     warm = [sys.executable, "-m", "lab", "warmup", "--preset", PRESET, "--device", DEV, "--dtype", "bfloat16"]
-    warm += ["--mode", COMPILED, "--compile-cache-dir", cache, "--iters", "1", "--warmup", "0"]
+    warm += ["--mode", READY_MODE, "--compile-cache-dir", cache, "--iters", "1", "--warmup", "0"]
     warm += ["--no-roofline", "--output-json", str(Path(cache) / "warmup.json")]
     t0 = time.perf_counter()
     r = subprocess.run(warm, cwd=ROOT, capture_output=True, text=True)
@@ -375,6 +376,16 @@ def main() -> None:
     ap.add_argument(
         "--hf-cd-tuning", action="store_true", help="also time HF compiled with our inductor tuning"
     )
+    ap.add_argument(
+        "--modes",
+        default=None,
+        help="engine arm's modes (default eager,compile-cudagraphs,regional-cudagraphs; --smoke: eager,compile,regional)",
+    )
+    ap.add_argument(
+        "--ready-mode",
+        default=None,
+        help="the mode `lab serve` runs in for the ready arm (default compile-cudagraphs)",
+    )
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
         "--smoke", action="store_true", help="CPU, tiny preset: check the script runs (no figures)"
@@ -383,6 +394,11 @@ def main() -> None:
     global DEV, PRESET, COMPILED
     if o.smoke:
         DEV, PRESET, COMPILED = "cpu", "tiny", "compile"
+    o.modes = o.modes or (
+        "eager,compile,regional" if o.smoke else "eager,compile-cudagraphs,regional-cudagraphs"
+    )
+    global READY_MODE
+    READY_MODE = o.ready_mode or COMPILED
     arms = o.arms.split(",")
     bw = measure_copy_bandwidth("cuda") if DEV == "cuda" else 1e11  # smoke: a placeholder, not a figure
     result = {
@@ -405,7 +421,10 @@ def main() -> None:
     if "engine" in arms or o.hf_child:
         p = prepare(PRESET, None, DEV, "bfloat16", 0, 16, o.prompt_len + o.new_tokens)
         if "engine" in arms:
-            for mode in ("eager", COMPILED):
+            # The regional mode compiles the model's blocks in place, so it runs last (eager after it would not be).
+            modes = [m for m in o.modes.split(",") if not m.startswith("regional")]
+            modes += [m for m in o.modes.split(",") if m.startswith("regional")]
+            for mode in modes:
                 for b in (1, 16):
                     key = f"engine-{mode}/b{b}"
                     result[key] = engine_run(

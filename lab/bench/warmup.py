@@ -28,7 +28,7 @@ from lab.results import Artifact, read_json, register, write_json
 from lab.stats import summarize
 
 CACHE_HISTORY_FILE = "lab-compile-times.json"
-MODES = ("auto", "eager", "compile", "compile-cudagraphs")
+MODES = ("auto", "eager", "compile", "compile-cudagraphs", "regional", "regional-cudagraphs")
 MEMORY_ALERT_FRACTION = 0.8  # playbook: keep GPU memory below 80 %
 GB = 1e9
 

@@ -94,7 +94,7 @@ def register(sub) -> None:
         "--mode",
         default="auto",
         help="decode step for warm-up and serving: auto (compile-cudagraphs on a GPU, eager on CPU), eager, "
-        "compile, compile-cudagraphs",
+        "compile, compile-cudagraphs, regional, regional-cudagraphs",
     )
     w.add_argument(
         "--compile-cache-dir", default=".compile-cache", help="Inductor cache (default .compile-cache)"

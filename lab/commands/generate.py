@@ -19,7 +19,11 @@ def register(sub) -> None:
     )
     p.add_argument("--temperature", type=nonneg_float, default=0.0)
     p.add_argument("--top-k", type=nonneg_int, default=None)
-    p.add_argument("--mode", default="eager", help="eager, compile, compile-cudagraphs (GPU only)")
+    p.add_argument(
+        "--mode",
+        default="eager",
+        help="eager, compile, compile-cudagraphs (GPU only), regional, regional-cudagraphs (GPU only)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=1, help="repeat the prompt over this many rows")
     p.add_argument(
         "--compile-cache-dir",

@@ -70,7 +70,7 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
     g.add_argument(
         "--mode",
         default="auto",
-        help="decode step: auto (compile-cudagraphs on a GPU, eager on CPU), eager, compile, compile-cudagraphs",
+        help="decode step: auto (compile-cudagraphs on a GPU, eager on CPU), eager, compile, compile-cudagraphs, regional (blocks compiled one by one), regional-cudagraphs",
     )
     g.add_argument(
         "--compile-cache-dir",

@@ -154,8 +154,10 @@ class Engine:
         self.decode_fn = compile_fn(decode_step, cfg.mode)
         self.prefill_fn = prefill_logits
         if self.fixed_prefill and cfg.mode != "eager":
-            # One static shape: plain compile (no CUDA graphs, so no second graph tree beside the decode).
-            self.prefill_fn = compile_fn(prefill_logits, "compile")
+            # One static shape: plain compile (no CUDA graphs, so no second graph tree beside the decode);
+            # in the regional modes the compiled blocks serve the prefill shape too.
+            prefill_mode = "regional" if cfg.mode.startswith("regional") else "compile"
+            self.prefill_fn = compile_fn(prefill_logits, prefill_mode)
         self.memory_guard = _MemoryGuard(model, cfg, self.device)
         self.memory_guard.check_startup()
 

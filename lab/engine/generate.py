@@ -1,4 +1,7 @@
-"""Prefill then decode, in three modes: eager, torch.compile, and compile with CUDA graphs.
+"""Prefill then decode, in five modes: eager; torch.compile of the whole step (`compile`), with CUDA graph
+trees (`compile-cudagraphs`); and regional compilation, where each transformer block is compiled and
+the identical blocks share one graph (`regional`), with the whole step captured by hand in one CUDA
+graph (`regional-cudagraphs`).
 
 The decode step (`decode_step`) is the whole hot path: one token for every row, sampled on the device
 (no host synchronisation inside the loop). Timing uses CUDA events on the GPU and a host clock on the CPU
@@ -18,7 +21,8 @@ from torch import Tensor
 from lab.errors import LabError
 from lab.model.llama import Transformer
 
-MODES = ("eager", "compile", "compile-cudagraphs")
+MODES = ("eager", "compile", "compile-cudagraphs", "regional", "regional-cudagraphs")
+CUDA_ONLY_MODES = ("compile-cudagraphs", "regional-cudagraphs")
 EOS_CHECK_EVERY = 8  # one host sync per this many decode steps, only when an EOS id is set
 
 
@@ -91,14 +95,55 @@ def compile_fn(fn: Callable, mode: str) -> Callable:
         return torch.compile(fn)
     if mode == "compile-cudagraphs":
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    if mode in ("regional", "regional-cudagraphs"):
+        return Regional(fn, cudagraphs=mode == "regional-cudagraphs")
     raise LabError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+
+
+def compile_blocks(model: Transformer) -> None:
+    """Regional compilation: torch.compile each transformer block, in place. The blocks are the same module
+    type with the same shapes and parameters passed as graph inputs, so dynamo traces one block and every
+    layer reuses that graph: compile (and coordinate-descent tuning) cost one block per input shape, not
+    the whole model. Embedding, mask, final norm, head and sampling stay eager (a few kernels).
+    `dynamic=False`: the decode and the prefill shapes each get a static graph, never a dynamic one."""
+    if getattr(model, "_lab_regional", False):
+        return
+    tune_inductor()
+    for layer in model.layers:
+        layer.compile(fullgraph=True, dynamic=False)
+    model._lab_regional = True
+
+
+class Regional:
+    """`fn(model, ...)` with the model's blocks compiled (compile_blocks); with `cudagraphs`, a decode step
+    (decode_step's signature) captured by hand into one CUDA graph per shape, after a first call on the
+    main stream has compiled the blocks for it."""
+
+    def __init__(self, fn: Callable, cudagraphs: bool):
+        self.fn = fn
+        self.graphs = None
+        if cudagraphs:
+            from lab.engine.cudagraph import CudaGraphDecode
+
+            self.graphs = CudaGraphDecode(fn)
+        self._compiled_shapes: set[tuple] = set()
+
+    def __call__(self, model: Transformer, *args):
+        compile_blocks(model)
+        if self.graphs is None:
+            return self.fn(model, *args)
+        shape = tuple(args[0].shape)
+        if shape not in self._compiled_shapes:  # compile outside any capture
+            self.fn(model, *args)
+            self._compiled_shapes.add(shape)
+        return self.graphs(model, *args)
 
 
 def check_mode(mode: str, device: torch.device) -> None:
     if mode not in MODES:
         raise LabError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
-    if mode == "compile-cudagraphs" and device.type != "cuda":
-        raise LabError("mode compile-cudagraphs needs a CUDA GPU; use --mode eager or --mode compile on CPU")
+    if mode in CUDA_ONLY_MODES and device.type != "cuda":
+        raise LabError(f"mode {mode} needs a CUDA GPU; use --mode eager, compile or regional on CPU")
 
 
 class _Clock:
