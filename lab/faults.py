@@ -53,13 +53,24 @@ def oom_plan(error: BaseException | str | None, plan: Any = None) -> Any:
     return getattr(error, "lab_plan", None) or plan
 
 
+def _sentences(text: str, limit: int) -> str:
+    """Whole sentences of `text` up to `limit` characters (at least the first, cut at `limit`): CUDA's
+    message names what was asked, what is free and who holds the rest, and a cut mid-word reads badly."""
+    out = ""
+    for sentence in text.replace(". ", ".\n").splitlines():
+        if out and len(out) + 1 + len(sentence) > limit:
+            break
+        out = f"{out} {sentence}" if out else sentence
+    return out[:limit]
+
+
 def oom_reason(step: str, error: BaseException | str, plan: Any, knobs: str) -> str:
     """One line: what ran out, the plan's estimate against the device, and what to lower.
 
     `knobs` names the flags of this step that shrink memory (e.g. "--batch-size or --prompt-len")."""
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     p = _plan_dict(plan)
-    parts = [f"out of memory during {step}: {detail[:200]}"]
+    parts = [f"out of memory during {step}: {_sentences(detail, 200)}"]
     if p:
         dev = p.get("device_memory_gb")
         parts.append(

@@ -201,6 +201,14 @@ def test_the_oom_reason_points_at_memory_another_process_holds():
     plan.update(device_memory_gb=85.0, device_free_gb_at_failure=3.2)
     reason = oom_reason("loading the model", OOM, plan, "--batch-size")
     assert "the device had 3.2 GB free when it failed" in reason and "nvidia-smi" in reason
+    # CUDA's own message (as an H100 gave it, reports/examples/benchmarks/oom-h100) keeps whole sentences
+    cuda = (
+        "CUDA out of memory. Tried to allocate 66.00 MiB. GPU 0 has a total capacity of 79.18 GiB of which "
+        "36.56 MiB is free. Process 1122 has 60.54 GiB memory in use. Including non-PyTorch memory, this "
+        "process has 18.47 GiB memory in use."
+    )
+    reason = oom_reason("warm-up", cuda, plan, "--batch-size")
+    assert "Process 1122 has 60.54 GiB memory in use.; memory plan:" in reason, reason
 
 
 # --- the disk refuses the write -----------------------------------------------------------------
