@@ -58,7 +58,12 @@ def test_the_engine_serves_the_same_tokens_in_regional_mode():
         eng.stop()
 
 
-def test_regional_cudagraphs_needs_a_gpu():
+@pytest.mark.parametrize("mode", ["regional-cudagraphs", "eager-cudagraphs", "compile-cudagraphs"])
+def test_the_cuda_graph_modes_need_a_gpu(mode):
+    from lab.engine.generate import compiles
+
     check_mode("regional", torch.device("cpu"))
-    with pytest.raises(LabError, match="regional-cudagraphs needs a CUDA GPU"):
-        check_mode("regional-cudagraphs", torch.device("cpu"))
+    with pytest.raises(LabError, match=f"{mode} needs a CUDA GPU"):
+        check_mode(mode, torch.device("cpu"))
+    # eager-cudagraphs compiles nothing: no compile cache, no fixed-shape prefill, no recompile guard
+    assert compiles(mode) is (mode != "eager-cudagraphs")

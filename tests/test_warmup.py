@@ -111,6 +111,7 @@ def test_compile_cache_is_written_and_reused_by_the_next_process(lab_cli, tmp_pa
         (["--max-new-tokens", "1"], "must be >= 2"),
         (["--mode", "turbo"], "unknown mode"),
         (["--mode", "compile-cudagraphs"], "needs a CUDA"),
+        (["--mode", "eager-cudagraphs"], "needs a CUDA"),
         (["--iters", "0"], "must be >"),
         (["--prompt-len", "2000"], "exceeds the model's context"),
         (["--mode", "compile", "--serve-max-seq-len", "100000"], "--serve-max-seq-len 100000 exceeds"),

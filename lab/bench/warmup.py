@@ -28,7 +28,15 @@ from lab.results import Artifact, read_json, register, write_json
 from lab.stats import summarize
 
 CACHE_HISTORY_FILE = "lab-compile-times.json"
-MODES = ("auto", "eager", "compile", "compile-cudagraphs", "regional", "regional-cudagraphs")
+MODES = (
+    "auto",
+    "eager",
+    "eager-cudagraphs",
+    "compile",
+    "compile-cudagraphs",
+    "regional",
+    "regional-cudagraphs",
+)
 MEMORY_ALERT_FRACTION = 0.8  # playbook: keep GPU memory below 80 %
 GB = 1e9
 
@@ -224,7 +232,7 @@ def is_rank_zero() -> bool:
 def prepare_warmup(cfg: WarmupConfig):
     """Validate, set up the compile cache and build the model. Every user error surfaces here, before
     anything is measured or written."""
-    from lab.engine.generate import check_mode
+    from lab.engine.generate import check_mode, compiles
     from lab.model import prepare, resolve_device
 
     cfg.validate()
@@ -232,7 +240,7 @@ def prepare_warmup(cfg: WarmupConfig):
     mode = resolve_mode(cfg.mode, device)
     check_mode(mode, device)
     max_seq = cfg.prompt_len + max(cfg.max_new_tokens, 4)  # Generator.warmup primes 4 tokens
-    if cfg.prime_serving and cfg.serve_max_seq_len is not None and mode != "eager":
+    if cfg.prime_serving and cfg.serve_max_seq_len is not None and compiles(mode):
         from lab.model import resolve_spec
 
         context = resolve_spec(cfg.preset, cfg.model_path, device).args.max_seq_len
@@ -248,7 +256,7 @@ def prepare_warmup(cfg: WarmupConfig):
             cfg.preset, cfg.model_path, cfg.device, cfg.dtype, cfg.seed, cfg.batch_size, max_seq
         )
     cache_dir = None
-    if cfg.compile_cache_dir and mode != "eager":  # after every check: bad input leaves no directory
+    if cfg.compile_cache_dir and compiles(mode):  # after every check: bad input leaves no directory
         cache_dir = use_compile_cache(cfg.compile_cache_dir)
     return prepared, cache_dir
 
@@ -258,7 +266,7 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
     other exceptions (OOM, a recompile inside the timed window) propagate for the caller to record."""
     import torch
 
-    from lab.engine.generate import Generator, no_recompile
+    from lab.engine.generate import Generator, compiles, no_recompile
     from lab.results import finish, new_artifact
 
     if prepared is None:
@@ -288,7 +296,7 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
     prime_s = gen.warmup(cfg.batch_size, cfg.prompt_len, steps=min(cfg.max_new_tokens, 4))
     state, delta = cache_state(before, cache_counters())
     art.compile = {"mode": mode, "prime_s": prime_s, "cache_state": state, "cache_counters": delta}
-    if mode != "eager":
+    if compiles(mode):
         art.compile["compile_s"] = prime_s
         if cache_dir is not None:
             key = "|".join(
@@ -328,7 +336,7 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
     s["compile_s"] = art.compile.get("compile_s")
     s["compile_s_cold"] = art.compile.get("cold_s")
     s["compile_s_warm"] = art.compile.get("warm_s")
-    s["compile_cache_hit"] = {"hit": True, "miss": False}.get(state) if mode != "eager" else None
+    s["compile_cache_hit"] = {"hit": True, "miss": False}.get(state) if compiles(mode) else None
     if s["compile_s_cold"] and s["compile_s_warm"]:
         s["compile_restart_speedup"] = s["compile_s_cold"] / s["compile_s_warm"]
     s["prime_s"] = prime_s
@@ -341,8 +349,8 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
     art.telemetry = {**tel.summary(tokens), "samples": tel.samples, "unavailable": dict(tel.unavailable)}
 
     un = art.unavailable
-    if mode == "eager":
-        why = "mode eager compiles nothing (use --mode compile or compile-cudagraphs to prime graphs)"
+    if not compiles(mode):
+        why = f"mode {mode} compiles nothing (use --mode compile or compile-cudagraphs to prime graphs)"
         for k in ("compile_s", "compile_s_cold", "compile_s_warm"):
             un[k] = why
     else:
@@ -398,6 +406,7 @@ def prime_serving(cfg: WarmupConfig, prepared, mode: str, cache_dir: Path | None
     its figures are already measured; a skipped or failed prime only costs the server a cold compile)."""
     from lab.distributed import world_size
     from lab.engine.batching import Engine, EngineConfig
+    from lab.engine.generate import compiles
     from lab.faults import is_oom
 
     batch, seq = serving_shapes(cfg, prepared)
@@ -405,8 +414,8 @@ def prime_serving(cfg: WarmupConfig, prepared, mode: str, cache_dir: Path | None
     why = None
     if not cfg.prime_serving:
         why = "not asked (--no-prime-serving)"
-    elif mode == "eager":
-        why = "mode eager compiles nothing: the server has nothing to load"
+    elif not compiles(mode):
+        why = f"mode {mode} compiles nothing: the server has nothing to load"
     elif cache_dir is None:
         why = "no --compile-cache-dir: nothing would persist for the server"
     elif world_size() > 1:

@@ -439,6 +439,7 @@ def run_tier_worker(args) -> int:
     from lab.bench.warmup import WarmupArtifact, WarmupConfig, resolve_mode, run_warmup, use_compile_cache
     from lab.distributed import current, follow_engine, is_rank0, prepare_tp
     from lab.engine.batching import Engine, EngineConfig
+    from lab.engine.generate import compiles
     from lab.loadtest.runner import LoadTestConfig
     from lab.loadtest.session import engine_info, run_loadtest, wait_ready
     from lab.results import finish, new_artifact, write_artifact
@@ -477,7 +478,7 @@ def run_tier_worker(args) -> int:
     )
     mode = resolve_mode(args.mode, prepared.device)
     cache_dir = (
-        use_compile_cache(wcfg.compile_cache_dir) if wcfg.compile_cache_dir and mode != "eager" else None
+        use_compile_cache(wcfg.compile_cache_dir) if wcfg.compile_cache_dir and compiles(mode) else None
     )
     tp_info = current().describe() if current() else {"tensor_parallel_gpus": 1}
     try:

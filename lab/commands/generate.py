@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument(
         "--mode",
         default="eager",
-        help="eager, compile, compile-cudagraphs (GPU only), regional, regional-cudagraphs (GPU only)",
+        help="eager, eager-cudagraphs (GPU), compile, compile-cudagraphs (GPU), regional, regional-cudagraphs (GPU)",
     )
     p.add_argument("--batch-size", type=positive_int, default=1, help="repeat the prompt over this many rows")
     p.add_argument(
@@ -46,7 +46,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from lab.engine.generate import Generator, check_mode
+    from lab.engine.generate import Generator, check_mode, compiles
     from lab.errors import LabError
     from lab.model import prepare
 
@@ -67,7 +67,7 @@ def run(args) -> int:
     bad = [t for t in args.prompt_ids if not 0 <= t < vocab]
     if bad:
         raise LabError(f"--prompt-ids {bad[:5]} outside the vocabulary [0, {vocab}); use ids below {vocab}")
-    if args.mode != "eager" and args.compile_cache_dir:  # before the first compile, after every check
+    if compiles(args.mode) and args.compile_cache_dir:  # before the first compile, after every check
         from lab.engine.compile_cache import use_compile_cache
 
         use_compile_cache(args.compile_cache_dir)

@@ -70,7 +70,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
     g.add_argument(
         "--mode",
         default="auto",
-        help="decode step: auto (compile-cudagraphs on a GPU, eager on CPU), eager, compile, compile-cudagraphs, regional (blocks compiled one by one), regional-cudagraphs",
+        help="decode step: auto (compile-cudagraphs on a GPU, eager on CPU), eager, eager-cudagraphs (no compiler: ready in seconds), compile, compile-cudagraphs, regional (blocks "
+        "compiled one by one), regional-cudagraphs",
     )
     g.add_argument(
         "--compile-cache-dir",
@@ -90,7 +91,7 @@ def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
     import torch
 
     from lab.engine.batching import EngineConfig
-    from lab.engine.generate import check_mode
+    from lab.engine.generate import check_mode, compiles
     from lab.model import resolve_device
 
     mode = args.mode
@@ -104,7 +105,7 @@ def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
         )
     return EngineConfig(
         # Pointed at by build_engine once the model is built (bad input leaves no directory behind).
-        compile_cache_dir=(args.compile_cache_dir or None) if mode != "eager" else None,
+        compile_cache_dir=(args.compile_cache_dir or None) if compiles(mode) else None,
         max_batch_size=args.max_batch_size,
         max_seq_len=max_seq_len,
         max_new_tokens=max_new_tokens_cap,

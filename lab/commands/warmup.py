@@ -36,7 +36,8 @@ def register(sub) -> None:
     p.add_argument(
         "--mode",
         default="auto",
-        help="auto (compile-cudagraphs on a GPU, eager on CPU), eager, compile, compile-cudagraphs, regional (blocks compiled one by one), regional-cudagraphs",
+        help="auto (compile-cudagraphs on a GPU, eager on CPU), eager, eager-cudagraphs, compile, compile-cudagraphs, regional (blocks compiled one by one), "
+        "regional-cudagraphs",
     )
     p.add_argument(
         "--compile-cache-dir",

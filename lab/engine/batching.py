@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from lab.engine.generate import check_mode, compile_fn, decode_step, no_recompile, sample, tune_inductor
+from lab.engine.generate import (
+    check_mode,
+    compile_fn,
+    compiles,
+    decode_step,
+    no_recompile,
+    sample,
+    tune_inductor,
+)
 from lab.errors import LabError
 from lab.model.llama import Transformer
 
@@ -59,7 +67,7 @@ class EngineConfig:
     # Fixed-shape prefill [prefill_rows, prefill_chunk_tokens // prefill_rows], compiled like the decode
     # step (eager prefill of a large model is launch-bound: ~4 decode steps). None: on in compiled modes.
     prefill_fixed_shape: bool | None = None
-    mode: str = "eager"  # eager, compile, compile-cudagraphs (the decode step)
+    mode: str = "eager"  # the decode step: one of lab.engine.generate.MODES
     step_delay_s: float = 0.0  # drills/tests only: sleep per tick to simulate a slower GPU
     # Inductor's on-disk cache (lab.engine.compile_cache), already pointed at by the caller; recorded here
     # so the artifact says where a restart loads its compiled graphs from. None: the process default.
@@ -144,7 +152,7 @@ class Engine:
         cfg.validate(model.args.max_seq_len)
         check_mode(cfg.mode, self.device)
         self.fixed_prefill = (
-            cfg.mode != "eager" if cfg.prefill_fixed_shape is None else cfg.prefill_fixed_shape
+            compiles(cfg.mode) if cfg.prefill_fixed_shape is None else cfg.prefill_fixed_shape
         )
         self.prefill_width = cfg.prefill_chunk_tokens // cfg.prefill_rows
         # A fixed-shape prefill fills its unused rows with throwaway work that writes one scratch cache
@@ -153,7 +161,7 @@ class Engine:
         model.setup_caches(cfg.max_batch_size + (1 if self.fixed_prefill else 0), cfg.max_seq_len)
         self.decode_fn = compile_fn(decode_step, cfg.mode)
         self.prefill_fn = prefill_logits
-        if self.fixed_prefill and cfg.mode != "eager":
+        if self.fixed_prefill and compiles(cfg.mode):
             # One static shape: plain compile (no CUDA graphs, so no second graph tree beside the decode);
             # in the regional modes the compiled blocks serve the prefill shape too.
             prefill_mode = "regional" if cfg.mode.startswith("regional") else "compile"
@@ -320,7 +328,7 @@ class Engine:
 
     def _run(self, warmup: bool) -> None:
         try:
-            if self.config.mode != "eager":
+            if compiles(self.config.mode):
                 # Inductor's config overrides are per thread from torch 2.12 (ContextVars): set in the thread
                 # that built the engine, they did not reach this one, so the server compiled without the
                 # tuning (and with other cache keys than `lab warmup`'s prime, which then missed).
@@ -335,7 +343,7 @@ class Engine:
 
                 mark("ready")
                 self.ready.set()
-                guard = no_recompile() if self.config.mode != "eager" else _nullcontext()
+                guard = no_recompile() if compiles(self.config.mode) else _nullcontext()
                 with guard:
                     while self._loop_once():
                         pass

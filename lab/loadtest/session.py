@@ -54,7 +54,9 @@ def point_compile_cache(engine_config) -> None:
     """Before the engine's first compile: Inductor's on-disk cache at engine_config.compile_cache_dir
     (resolved in place, so the artifact records the absolute path). No-op without one, or in eager mode
     (nothing is compiled)."""
-    if engine_config.compile_cache_dir and engine_config.mode != "eager":
+    from lab.engine.generate import compiles
+
+    if engine_config.compile_cache_dir and compiles(engine_config.mode):
         from lab.engine.compile_cache import use_compile_cache
 
         engine_config.compile_cache_dir = str(use_compile_cache(engine_config.compile_cache_dir))
