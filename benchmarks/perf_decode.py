@@ -379,7 +379,8 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default=None,
-        help="engine arm's modes (default eager,compile-cudagraphs,regional-cudagraphs; --smoke: eager,compile,regional)",
+        help="engine arm's modes (default eager,compile-cudagraphs; also eager-cudagraphs, regional-cudagraphs; "
+        "--smoke: eager,compile,regional)",
     )
     ap.add_argument(
         "--ready-mode",
@@ -394,9 +395,7 @@ def main() -> None:
     global DEV, PRESET, COMPILED
     if o.smoke:
         DEV, PRESET, COMPILED = "cpu", "tiny", "compile"
-    o.modes = o.modes or (
-        "eager,compile,regional" if o.smoke else "eager,compile-cudagraphs,regional-cudagraphs"
-    )
+    o.modes = o.modes or ("eager,compile,regional" if o.smoke else "eager,compile-cudagraphs")
     global READY_MODE
     READY_MODE = o.ready_mode or COMPILED
     arms = o.arms.split(",")
