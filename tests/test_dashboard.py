@@ -440,6 +440,18 @@ def test_odd_but_valid_content_renders_without_a_traceback(app, tmp_path) -> Non
     assert "2 unreadable line(s) skipped (first at line 2)" in texts(at.warning)
 
 
+def test_the_warmup_page_says_whether_the_server_steps_were_primed(app, tmp_path) -> None:
+    run = tmp_path / "r1"
+    shutil.copytree(FIXTURES / LATEST, run)
+    doc = json.loads((run / "warmup.json").read_text())
+    doc.setdefault("compile", {})["serving"] = {
+        **{"max_batch_size": 16, "max_seq_len": 4096, "prime_s": 12.5, "status": "ok", "cache_state": "miss"}
+    }
+    (run / "warmup.json").write_text(json.dumps(doc))
+    at = open_page(app(tmp_path), "warmup")
+    assert "Server steps primed: batch 16 x 4096 tokens in 12.5 s (compile cache miss)" in texts(at.caption)
+
+
 def test_a_file_the_model_rejects_is_a_warning_naming_file_and_field(app, tmp_path) -> None:
     run = tmp_path / "r1"
     shutil.copytree(FIXTURES / LATEST, run)

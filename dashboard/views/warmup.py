@@ -163,6 +163,21 @@ def power_figure(samples: list[dict[str, Any]]) -> go.Figure | None:
     return fig
 
 
+def serving_prime_caption(warmup: dict[str, Any]) -> str:
+    """Whether this warm-up also compiled the server's steps (so `lab serve` starts from the cache)."""
+    comp = warmup.get("compile") if isinstance(warmup.get("compile"), dict) else {}
+    p = comp.get("serving") if isinstance(comp.get("serving"), dict) else None
+    if p is None:
+        return "Server steps: not primed by this warm-up (older artifact, or priming not available)."
+    shape = f"batch {p.get('max_batch_size')} x {p.get('max_seq_len')} tokens"
+    if p.get("status") == "ok":
+        return (
+            f"Server steps primed: {shape} in {ui.fmt(num(p.get('prime_s')))} s (compile cache "
+            f"{p.get('cache_state')}); `lab serve` with these shapes and the same cache directory loads them."
+        )
+    return f"Server steps {p.get('status')} ({shape}): {p.get('reason')}"
+
+
 def render() -> None:
     run = ui.current_run()
     ui.header(
@@ -219,6 +234,7 @@ def render() -> None:
             st.plotly_chart(compile_figure(times), key="warmup-compile")
         else:
             st.info("Compile time was not recorded (eager mode, or not measured).")
+        st.caption(serving_prime_caption(warmup))
     with c2:
         r = roofline(warmup)
         if r["achieved_gb_per_s"] is not None and r["copy_bandwidth_gb_per_s"] is not None:
