@@ -307,6 +307,8 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         err = proc.stderr.read()
         assert rc == 0, err
         assert "drained" in err
+        ready = next(line for line in err.splitlines() if line.startswith("lab serve: ready"))
+        assert "s after start" in ready and "engine_built->ready" in ready, ready  # where the start went
         report = json.loads(err.split("drained ", 1)[1].splitlines()[0])
         assert report["in_flight_at_drain"] == 1 and report["finished_during_drain"] == 1
         assert report["cancelled"] == 0

@@ -223,9 +223,30 @@ def run(args) -> int:
         log_level="warning",
         timeout_graceful_shutdown=int(args.drain_timeout_s),
     )
+    import threading
+
+    threading.Thread(target=_announce_ready, args=(engine,), name="lab-ready", daemon=True).start()
     server = _DrainingServer(config, engine)
     server.run()
     return 0 if engine.crashed is None else 1
+
+
+def _announce_ready(engine) -> None:
+    """One stderr line when /health turns 200: how long the start took and where it went."""
+    import sys
+
+    from lab import startup
+
+    engine.ready.wait()
+    marks = startup.MARKS
+    start = marks.get("main")
+    took = f" {marks['ready'] - start:.1f} s after start" if start and "ready" in marks else ""
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in startup.phases().items())
+    print(
+        f"lab serve: ready{took} (compile cache {engine.compile_cache_state}; {phases})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _server_class():
