@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lab import startup
 from lab.engine.generate import (
     check_mode,
     compile_fn,
@@ -339,9 +340,7 @@ class Engine:
                 if warmup or self.config.mode != "eager":  # compiled modes must not compile under load
                     self._send_plan({"op": "warmup"})
                     self.warmup_s = self.warmup()
-                from lab.startup import mark
-
-                mark("ready")
+                startup.mark("ready")
                 self.ready.set()
                 guard = no_recompile() if compiles(self.config.mode) else _nullcontext()
                 with guard:

@@ -132,8 +132,8 @@ def compile_blocks(model: Transformer) -> None:
 
 class Regional:
     """`fn(model, ...)` with the model's blocks compiled (compile_blocks); with `cudagraphs`, a decode step
-    (decode_step's signature) captured by hand into one CUDA graph per shape, after a first call on the
-    main stream has compiled the blocks for it."""
+    (decode_step's signature) captured by hand into one CUDA graph per shape (CudaGraphDecode's warm-up
+    calls, before the capture, compile the blocks for that shape)."""
 
     def __init__(self, fn: Callable, cudagraphs: bool):
         self.fn = fn
@@ -142,17 +142,10 @@ class Regional:
             from lab.engine.cudagraph import CudaGraphDecode
 
             self.graphs = CudaGraphDecode(fn)
-        self._compiled_shapes: set[tuple] = set()
 
     def __call__(self, model: Transformer, *args):
         compile_blocks(model)
-        if self.graphs is None:
-            return self.fn(model, *args)
-        shape = tuple(args[0].shape)
-        if shape not in self._compiled_shapes:  # compile outside any capture
-            self.fn(model, *args)
-            self._compiled_shapes.add(shape)
-        return self.graphs(model, *args)
+        return (self.graphs or self.fn)(model, *args)
 
 
 def check_mode(mode: str, device: torch.device) -> None:

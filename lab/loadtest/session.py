@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lab import startup
 from lab.errors import LabError
 from lab.faults import is_oom, oom_plan, oom_reason
 from lab.loadtest.runner import (
@@ -40,13 +41,11 @@ def build_engine(
     prepared = prepare(
         preset, model_path, device, dtype, seed, engine_config.max_batch_size, engine_config.max_seq_len
     )
-    from lab.startup import mark
-
-    mark("model_built")
+    startup.mark("model_built")
     point_compile_cache(engine_config)
     with oom_context(prepared.plan, prepared.device, "allocating the KV cache"):
         engine = Engine(prepared.model, engine_config, eos_id=prepared.spec.args.eos_token_id)
-    mark("engine_built")
+    startup.mark("engine_built")
     return engine, prepared
 
 
