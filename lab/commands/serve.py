@@ -70,8 +70,10 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
     g.add_argument(
         "--mode",
         default="auto",
-        help="decode step: auto (compile-cudagraphs on a GPU, eager on CPU), eager, eager-cudagraphs (no compiler: ready in seconds), compile, compile-cudagraphs, regional (blocks "
-        "compiled one by one), regional-cudagraphs",
+        help="decode step: auto (regional-cudagraphs on a GPU, compile-cudagraphs for int8 weights; eager on "
+        "CPU), eager, eager-cudagraphs (no "
+        "compiler: ready in seconds), compile, compile-cudagraphs, regional (blocks compiled one by one), "
+        "regional-cudagraphs",
     )
     g.add_argument(
         "--compile-cache-dir",
@@ -88,21 +90,16 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
 
 
 def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
-    import torch
 
     from lab.engine.batching import EngineConfig
-    from lab.engine.generate import check_mode, compiles
+    from lab.engine.generate import auto_mode, check_mode, compiles
     from lab.model import resolve_device
 
     mode = args.mode
     if mode != "auto":
         check_mode(mode, resolve_device(args.device))
     if mode == "auto":
-        mode = (
-            "compile-cudagraphs"
-            if resolve_device(args.device).type == "cuda" and torch.cuda.is_available()
-            else "eager"
-        )
+        mode = auto_mode(resolve_device(args.device), args.dtype)
     return EngineConfig(
         # Pointed at by build_engine once the model is built (bad input leaves no directory behind).
         compile_cache_dir=(args.compile_cache_dir or None) if compiles(mode) else None,
@@ -156,6 +153,14 @@ def register(sub) -> None:
         help="on SIGTERM, wait this long for in-flight requests",
     )
     add_engine_args(p, max_seq_len_default=None)
+    p.add_argument(
+        "--start-mode",
+        default="auto",
+        choices=("auto", "none", "eager", "eager-cudagraphs"),
+        help="serve in this mode (nothing to compile: ready in seconds) while --mode compiles in the "
+        "background, then switch to it between two engine ticks; /health says which mode serves. auto: "
+        "eager-cudagraphs on one GPU when --mode is regional-cudagraphs or regional, none otherwise",
+    )
     from lab.distributed import add_tp_args
 
     add_tp_args(p, tp_default=None)
@@ -165,11 +170,13 @@ def register(sub) -> None:
 def run(args) -> int:
     import uvicorn
 
+    from lab import startup
     from lab.engine.server import create_app
     from lab.engine.tokenizer import load_tokenizer
     from lab.errors import LabError
     from lab.loadtest.session import build_engine
 
+    startup.mark("imports")  # torch, the server stack and the engine's modules are imported
     if args.port > 65535:
         raise LabError(f"--port {args.port} is not a TCP port (0-65535)")
     _check_bindable(args.host, args.port)
@@ -181,6 +188,12 @@ def run(args) -> int:
     from lab.distributed import tp_from_env
 
     tp = tp_from_env(args.tensor_parallel_gpus)
+    cfg.start_mode = resolve_start_mode(args.start_mode, cfg.mode, tp)
+    cfg.validate(spec.args.max_seq_len)  # a bad --start-mode/--mode pair fails before the model is built
+    if cfg.start_mode:
+        from lab.engine.generate import check_mode
+
+        check_mode(cfg.start_mode, resolve_device(args.device))
     if tp > 1:
         # The multi-GPU tier under torchrun (lab.distributed): rank 0 serves HTTP and schedules; the
         # other ranks run each step it broadcasts until it stops.
@@ -231,6 +244,19 @@ def run(args) -> int:
     return 0 if engine.crashed is None else 1
 
 
+def resolve_start_mode(start_mode: str, mode: str, tp: int) -> str | None:
+    """--start-mode: auto serves eager-cudagraphs while a regional mode compiles, on one GPU only."""
+    from lab.engine.batching import UPGRADE_MODES
+
+    if start_mode == "none":
+        return None
+    if start_mode == "auto":
+        if tp > 1 or mode not in UPGRADE_MODES:
+            return None
+        return "eager-cudagraphs" if mode == "regional-cudagraphs" else "eager"
+    return start_mode
+
+
 def _announce_ready(engine) -> None:
     """One stderr line when /health turns 200: how long the start took and where it went."""
     import sys
@@ -242,11 +268,27 @@ def _announce_ready(engine) -> None:
     start = marks.get("main")
     took = f" {marks['ready'] - start:.1f} s after start" if start and "ready" in marks else ""
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in startup.phases().items())
-    print(
-        f"lab serve: ready{took} (compile cache {engine.compile_cache_state}; {phases})",
-        file=sys.stderr,
-        flush=True,
-    )
+    how = f"serving in {engine.mode} while {engine.config.mode} compiles" if engine.upgrade else ""
+    cache = f"compile cache {engine.compile_cache_state}"
+    print(f"lab serve: ready{took} ({how or cache}; {phases})", file=sys.stderr, flush=True)
+    if engine.upgrade is None:
+        return
+    engine.upgraded.wait()
+    up = engine.upgrade
+    if up["state"] == "done":
+        since = f" {marks['upgraded'] - start:.1f} s after start" if start and "upgraded" in marks else ""
+        print(
+            f"lab serve: switched to {up['to']}{since} (compiled in {up['compile_s']:.1f} s, compile cache "
+            f"{up.get('compile_cache')})",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        print(
+            f"lab serve: still serving in {up['from']}: compiling {up['to']} failed ({up.get('reason')})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _server_class():

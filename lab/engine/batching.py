@@ -41,6 +41,8 @@ from lab.errors import LabError
 from lab.model.llama import Transformer
 
 GB = 1e9
+START_MODES = ("eager", "eager-cudagraphs")  # EngineConfig.start_mode: nothing to compile
+UPGRADE_MODES = ("regional", "regional-cudagraphs")  # compiled beside the live engine (regional_copy)
 OUTCOMES = (
     "ok",
     "rejected_queue_full",
@@ -69,6 +71,11 @@ class EngineConfig:
     # step (eager prefill of a large model is launch-bound: ~4 decode steps). None: on in compiled modes.
     prefill_fixed_shape: bool | None = None
     mode: str = "eager"  # the decode step: one of lab.engine.generate.MODES
+    # Serve in this mode (eager or eager-cudagraphs: nothing to compile, ready in seconds) while `mode`
+    # (regional or regional-cudagraphs) compiles in a background thread; the engine switches between two
+    # ticks once it is compiled. The fallback's time to first token then no longer waits for the compiler
+    # (issue 10). None: serve in `mode` from the start.
+    start_mode: str | None = None
     step_delay_s: float = 0.0  # drills/tests only: sleep per tick to simulate a slower GPU
     # Inductor's on-disk cache (lab.engine.compile_cache), already pointed at by the caller; recorded here
     # so the artifact says where a restart loads its compiled graphs from. None: the process default.
@@ -93,6 +100,19 @@ class EngineConfig:
                 f"--max-seq-len {self.max_seq_len} exceeds the model's context of {model_context} tokens",
             ),
         ]
+        if self.start_mode is not None:
+            checks += [
+                (
+                    self.start_mode in START_MODES,
+                    f"--start-mode {self.start_mode} is not one of: {', '.join(START_MODES)} (modes with nothing "
+                    "to compile)",
+                ),
+                (
+                    self.mode in UPGRADE_MODES,
+                    f"--start-mode {self.start_mode} needs --mode {' or '.join(UPGRADE_MODES)} (the mode compiled in "
+                    f"the background), not {self.mode}; or drop --start-mode",
+                ),
+            ]
         for ok, msg in checks:
             if not ok:
                 raise LabError(msg)
@@ -152,6 +172,8 @@ class Engine:
         self.eos_id = eos_id
         cfg.validate(model.args.max_seq_len)
         check_mode(cfg.mode, self.device)
+        if cfg.start_mode:
+            check_mode(cfg.start_mode, self.device)
         self.fixed_prefill = (
             compiles(cfg.mode) if cfg.prefill_fixed_shape is None else cfg.prefill_fixed_shape
         )
@@ -160,9 +182,11 @@ class Engine:
         # row past the batch slots (no request ever reads it; the decode step covers slots 0..B-1 only).
         self.scratch_row = cfg.max_batch_size
         model.setup_caches(cfg.max_batch_size + (1 if self.fixed_prefill else 0), cfg.max_seq_len)
-        self.decode_fn = compile_fn(decode_step, cfg.mode)
+        # The steps run on `step_model` in `self.mode`; a background upgrade (cfg.start_mode) swaps all three.
+        self.step_model, self.mode = model, cfg.start_mode or cfg.mode
+        self.decode_fn = compile_fn(decode_step, self.mode)
         self.prefill_fn = prefill_logits
-        if self.fixed_prefill and compiles(cfg.mode):
+        if self.fixed_prefill and compiles(self.mode):
             # One static shape: plain compile (no CUDA graphs, so no second graph tree beside the decode);
             # in the regional modes the compiled blocks serve the prefill shape too.
             prefill_mode = "regional" if cfg.mode.startswith("regional") else "compile"
@@ -190,9 +214,21 @@ class Engine:
         self.listeners: list[Callable[[Request], None]] = []  # called once per finished request
         # Tensor parallel (lab.distributed): on rank 0 of a multi-GPU tier this engine is the leader and
         # broadcasts every step's plan; the other ranks run it in lab.distributed.follow_engine.
-        from lab.distributed import send_plan, tp_leader
+        from lab.distributed import send_plan, tp_leader, world_size
 
         self.tp_leader, self._send_plan = tp_leader(), send_plan
+        if cfg.start_mode and world_size() > 1:
+            raise LabError(
+                "--start-mode is single-GPU only (every rank would have to switch at the same step); "
+                "use --start-mode none with --tensor-parallel-gpus > 1"
+            )
+        # The background upgrade: pending -> compiling -> done | failed (None without a start mode).
+        self.upgrade: dict[str, Any] | None = (
+            {"state": "pending", "from": cfg.start_mode, "to": cfg.mode} if cfg.start_mode else None
+        )
+        self.upgraded = threading.Event()  # set once the upgrade is done or failed
+        self._upgrade_thread: threading.Thread | None = None
+        self._upgrade_result: tuple[Transformer, float, str] | BaseException | None = None
 
     # --- public API (any thread) -------------------------------------------------------------------
     def start(self, warmup: bool = True) -> Engine:
@@ -310,6 +346,7 @@ class Engine:
             running = sum(s is not None for s in self._slots)
             out = {
                 "ready": self.ready.is_set(),
+                "mode": self.mode,
                 "draining": self._draining,
                 "waiting": len(self._waiting),
                 "waiting_long_context": len(self._long),
@@ -320,6 +357,8 @@ class Engine:
                 "decode_steps": self.decode_steps,
                 "memory_guard_deferrals": self.memory_guard.deferrals,
             }
+            if self.upgrade is not None:
+                out["upgrade"] = dict(self.upgrade)
         out.update(self.memory_guard.peak())
         return out
 
@@ -337,12 +376,15 @@ class Engine:
             if self.config.mode == "compile-cudagraphs":
                 _cudagraph_state_for_this_thread()
             with torch.inference_mode():
-                if warmup or self.config.mode != "eager":  # compiled modes must not compile under load
+                if warmup or self.mode != "eager":  # compiled modes must not compile under load
                     self._send_plan({"op": "warmup"})
                     self.warmup_s = self.warmup()
                 startup.mark("ready")
                 self.ready.set()
-                guard = no_recompile() if compiles(self.config.mode) else _nullcontext()
+                if self.upgrade is not None and not self._serve_while_compiling():
+                    return
+                # After an upgrade only: set_stance is process-wide, and the compile thread must compile.
+                guard = no_recompile() if compiles(self.mode) else _nullcontext()
                 with guard:
                     while self._loop_once():
                         pass
@@ -361,6 +403,87 @@ class Engine:
                     self._send_plan({"op": "stop"})
                 except Exception:
                     pass
+
+    def _serve_while_compiling(self) -> bool:
+        """Serve in the start mode while `config.mode` compiles in a thread of its own, then switch between
+        two ticks. False when the engine stopped first (the compile thread, a daemon, is left behind)."""
+        self._upgrade_thread = threading.Thread(target=self._compile_upgrade, name="lab-compile", daemon=True)
+        with self._cv:
+            self.upgrade["state"] = "compiling"
+        t0 = time.monotonic()
+        self._upgrade_thread.start()
+        while self._upgrade_thread.is_alive():
+            if not self._loop_once():
+                return False
+        self._finish_upgrade(time.monotonic() - t0)
+        return True
+
+    def _compile_upgrade(self) -> None:
+        """The compile thread: compile the blocks of `config.mode` for the decode and prefill shapes, on a
+        twin of the model (regional_copy: shared weights and cache, blocks of its own), running each step
+        for real beside the live engine. What it writes is never read: the prefill writes the scratch row
+        only, and the decode writes every slot's cache at the last position, which no request reaches
+        (validate: prompt + new tokens <= max_seq_len, so the last token fed sits at max_seq_len - 2).
+        Both threads queue kernels on the same stream, so the kernels never overlap."""
+        from lab.engine.compile_cache import cache_counters, cache_state
+        from lab.engine.generate import regional_copy
+
+        try:
+            before = cache_counters()
+            t0 = time.monotonic()
+            with torch.inference_mode():
+                twin = regional_copy(self.model)
+                for _ in range(2):
+                    prefill_logits(twin, *self._scratch_prefill_inputs())
+                for _ in range(2):
+                    decode_step(twin, *self._scratch_decode_inputs())
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            self._upgrade_result = (twin, time.monotonic() - t0, cache_state(before, cache_counters())[0])
+        except BaseException as e:  # the engine keeps serving in its start mode; the reason is reported
+            self._upgrade_result = e
+
+    def _scratch_prefill_inputs(self):
+        r, w, dev = self.config.prefill_rows, self.prefill_width, self.device
+        last = self.config.max_seq_len - 1
+        pos = torch.arange(w, device=dev).clamp(max=last).expand(r, w).contiguous()
+        return (
+            torch.zeros(r, w, dtype=torch.long, device=dev),
+            pos,
+            torch.full((r,), self.scratch_row, dtype=torch.long, device=dev),
+            torch.full((r,), w - 1, dtype=torch.long, device=dev),
+        )
+
+    def _scratch_decode_inputs(self):
+        b, dev = self.config.max_batch_size, self.device
+        pos = torch.full((b, 1), self.config.max_seq_len - 1, dtype=torch.long, device=dev)
+        return torch.zeros(b, 1, dtype=torch.long, device=dev), pos, None, 0.0, None
+
+    def _finish_upgrade(self, seconds: float) -> None:
+        """In the engine thread, between two ticks: capture the compiled decode (regional-cudagraphs) and
+        switch every step to it; or, if the compile failed, keep serving in the start mode and say why."""
+        result, info = self._upgrade_result, {"compile_s": seconds}
+        if not isinstance(result, BaseException):
+            twin, _, info["compile_cache"] = result
+            try:
+                t0 = time.monotonic()
+                decode_fn = compile_fn(decode_step, self.config.mode)  # Regional; captures on its first call
+                decode_fn(twin, *self._scratch_decode_inputs())
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                info["capture_s"] = time.monotonic() - t0
+                self.step_model, self.decode_fn, self.prefill_fn = twin, decode_fn, prefill_logits
+            except Exception as e:
+                result = e
+        with self._cv:
+            if isinstance(result, BaseException):
+                info.update(state="failed", reason=f"{type(result).__name__}: {result}"[:500])
+            else:
+                self.mode = self.config.mode
+                info["state"] = "done"
+                startup.mark("upgraded")
+            self.upgrade.update(info)
+        self.upgraded.set()
 
     def _loop_once(self) -> bool:
         with self._cv:
@@ -482,7 +605,7 @@ class Engine:
 
                 self._send_plan(forward_plan(toks, pos, rows, logits_at))
             logits = self.prefill_fn(
-                self.model,
+                self.step_model,
                 torch.tensor(toks, dtype=torch.long, device=dev),
                 torch.tensor(pos, dtype=torch.long, device=dev),
                 torch.tensor(rows, dtype=torch.long, device=dev),
@@ -516,7 +639,7 @@ class Engine:
             if self.tp_leader:
                 self._send_plan({"op": "decode", "cur": cur, "pos": pos})
             tok, logits = self.decode_fn(
-                self.model,
+                self.step_model,
                 torch.tensor(cur, device=dev).view(-1, 1),
                 torch.tensor(pos, device=dev).view(-1, 1),
                 None,
@@ -612,7 +735,7 @@ class Engine:
         for rows_n, width, rows in calls:
             pos = torch.arange(width, device=dev).clamp(max=self.config.max_seq_len - 1).expand(rows_n, width)
             self.prefill_fn(
-                self.model,
+                self.step_model,
                 torch.zeros(rows_n, width, dtype=torch.long, device=dev),
                 pos.contiguous(),
                 torch.tensor(rows, dtype=torch.long, device=dev),
@@ -621,7 +744,7 @@ class Engine:
         cur = torch.zeros(b, 1, dtype=torch.long, device=dev)
         for i in range(4 if self.config.mode == "eager" else 5):
             pos = torch.full((b, 1), i, dtype=torch.long, device=dev)
-            tok, _ = self.decode_fn(self.model, cur, pos, None, 0.0, None)
+            tok, _ = self.decode_fn(self.step_model, cur, pos, None, 0.0, None)
             tok.tolist()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

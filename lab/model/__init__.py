@@ -233,6 +233,9 @@ def prepare(
         spec.preset,
     )
     check_fits(plan)
+    from lab import startup
+
+    startup.mark("planned")  # the device is up (CUDA initialised) and the memory plan checked
     with oom_context(plan, dev, "loading the model"):
         model = build_model(spec, dev, dt, seed, quant)
     return Prepared(model=model, spec=spec, device=dev, dtype=dt, plan=plan, quant=quant)
