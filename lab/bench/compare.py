@@ -26,9 +26,30 @@ from lab.errors import LabError
 from lab.results import Artifact, register
 from lab.stats import summarize
 
-METHODS = ("eager", "eager-cudagraph", "compile", "reduce-overhead", "max-autotune", "flex-attention")
-DEFAULT_METHODS = ("eager", "eager-cudagraph", "compile", "reduce-overhead", "flex-attention")
-GPU_ONLY = {"eager-cudagraph": "torch.cuda.graphs", "reduce-overhead": "CUDA graphs"}
+METHODS = (
+    "eager",
+    "eager-cudagraph",
+    "compile",
+    "reduce-overhead",
+    "regional",
+    "regional-cudagraphs",
+    "max-autotune",
+    "flex-attention",
+)
+# regional-cudagraphs is what `lab serve` runs on a GPU (--mode auto), so the comparison shows it by default.
+DEFAULT_METHODS = (
+    "eager",
+    "eager-cudagraph",
+    "compile",
+    "reduce-overhead",
+    "regional-cudagraphs",
+    "flex-attention",
+)
+GPU_ONLY = {
+    "eager-cudagraph": "torch.cuda.graphs",
+    "reduce-overhead": "CUDA graphs",
+    "regional-cudagraphs": "CUDA graphs",
+}
 # Largest logit difference vs eager, relative to eager's largest |logit|, still counted as correct.
 REL_LOGIT_TOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}
 GB = 1e9
@@ -259,6 +280,13 @@ def build_method(name: str, model, max_batch: int, max_seq: int):
         return Generator(model, "compile", max_batch, max_seq)
     if name == "reduce-overhead":
         return Generator(model, "compile-cudagraphs", max_batch, max_seq)
+    if name in ("regional", "regional-cudagraphs"):
+        from lab.engine.generate import regional_copy
+
+        # On a twin (shared weights and cache): compiling the blocks in place would make every method
+        # measured after this one run compiled blocks.
+        model.setup_caches(max_batch, max_seq)
+        return Generator(regional_copy(model), name, max_batch, max_seq)
     gen = Generator(model, "eager", max_batch, max_seq)
     if name == "eager-cudagraph":
         gen.decode_fn = CudaGraphDecode()

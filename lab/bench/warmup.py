@@ -203,9 +203,11 @@ def latency_summary(iterations: list[dict[str, Any]], batch_size: int) -> dict[s
     return out
 
 
-def resolve_mode(mode: str, device) -> str:
+def resolve_mode(mode: str, device, dtype: str = "auto") -> str:
     if mode == "auto":
-        return "compile-cudagraphs" if device.type == "cuda" else "eager"
+        from lab.engine.generate import auto_mode
+
+        return auto_mode(device, dtype)  # as `lab serve`
     return mode
 
 
@@ -237,7 +239,7 @@ def prepare_warmup(cfg: WarmupConfig):
 
     cfg.validate()
     device = resolve_device(cfg.device)
-    mode = resolve_mode(cfg.mode, device)
+    mode = resolve_mode(cfg.mode, device, cfg.dtype)
     check_mode(mode, device)
     max_seq = cfg.prompt_len + max(cfg.max_new_tokens, 4)  # Generator.warmup primes 4 tokens
     if cfg.prime_serving and cfg.serve_max_seq_len is not None and compiles(mode):
@@ -272,7 +274,7 @@ def run_warmup(cfg: WarmupConfig, prepared=None, cache_dir: Path | None = None) 
     if prepared is None:
         prepared, cache_dir = prepare_warmup(cfg)
     device, model, args = prepared.device, prepared.model, prepared.spec.args
-    mode = resolve_mode(cfg.mode, device)
+    mode = resolve_mode(cfg.mode, device, cfg.dtype)
     art = new_artifact(WarmupArtifact, cfg.to_params())
     art.params["resolved"] = {
         "mode": mode,

@@ -93,7 +93,7 @@ def register(sub) -> None:
     w.add_argument(
         "--mode",
         default="auto",
-        help="decode step for warm-up and serving: auto (compile-cudagraphs on a GPU, eager on CPU), eager, "
+        help="decode step for warm-up and serving: auto (regional-cudagraphs on a GPU, compile-cudagraphs for int8; eager on CPU), eager, "
         "compile, compile-cudagraphs, regional, regional-cudagraphs",
     )
     w.add_argument(
@@ -476,7 +476,7 @@ def run_tier_worker(args) -> int:
         n,
         args.dist_timeout_s,
     )
-    mode = resolve_mode(args.mode, prepared.device)
+    mode = resolve_mode(args.mode, prepared.device, args.dtype)
     cache_dir = (
         use_compile_cache(wcfg.compile_cache_dir) if wcfg.compile_cache_dir and compiles(mode) else None
     )

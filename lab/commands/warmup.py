@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument(
         "--mode",
         default="auto",
-        help="auto (compile-cudagraphs on a GPU, eager on CPU), eager, eager-cudagraphs, compile, compile-cudagraphs, regional (blocks compiled one by one), "
+        help="auto (regional-cudagraphs on a GPU, compile-cudagraphs for int8; eager on CPU), eager, eager-cudagraphs, compile, compile-cudagraphs, regional (blocks compiled one by one), "
         "regional-cudagraphs",
     )
     p.add_argument(
