@@ -207,12 +207,28 @@ def hf_child(o) -> dict:
             return {"error": f"hf child exited {r.returncode}: {e}"}
 
 
-def quant_runs(bw, repeats, new_tokens=128, res=None, save=lambda: None):
+QUANT_KINDS, QUANT_MODES = ("fp8", "int8"), ("eager", "compile-cudagraphs")
+
+
+def quant_runs(
+    bw,
+    repeats,
+    new_tokens=128,
+    res=None,
+    save=lambda: None,
+    kinds=QUANT_KINDS,
+    modes=QUANT_MODES,
+    agreement=True,
+):
     """Fills `res` (the result's "quant" entry) and calls `save` after every arm: a run that is killed part
-    way (the device's time limit) keeps what it measured."""
+    way (the device's time limit) keeps what it measured. `kinds`/`modes` pick the arms (the regional modes
+    compile the blocks in place, so they go last)."""
     res = {} if res is None else res
+    modes = [m for m in modes if not m.startswith("regional")] + [
+        m for m in modes if m.startswith("regional")
+    ]
     # 1. Fit: the full gpt-40b on one card, 4K-token prompt, peak memory.
-    for kind in ("fp8", "int8"):
+    for kind in kinds:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -226,7 +242,7 @@ def quant_runs(bw, repeats, new_tokens=128, res=None, save=lambda: None):
                 "ttft_ms_4k": r.prefill_s * 1e3,
                 "weights_gb_plan": p.plan.weights_gb,
             }
-            for mode in ("eager", "compile-cudagraphs"):
+            for mode in modes:
                 try:
                     row[mode] = engine_run(p.model, p.spec.args, mode, 16, 32, new_tokens, repeats, kind, bw)
                 except Exception as e:
@@ -242,7 +258,8 @@ def quant_runs(bw, repeats, new_tokens=128, res=None, save=lambda: None):
         save()
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    quant_agreement(res, save)
+    if agreement:
+        quant_agreement(res, save)
     return res
 
 
@@ -322,11 +339,23 @@ def _time_to_first_token(cache: str) -> dict:
         marks = ((health or {}).get("startup") or {}).get("marks") or {}
         res["startup_marks_s"] = {k: v - epoch0 for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
         res["startup_phases_s"] = ((health or {}).get("startup") or {}).get("phases_s")
-        body = json.dumps({"model": PRESET, "prompt": list(range(1, 33)), "max_tokens": 1}).encode()
-        req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            json.loads(r.read())
+        _complete(base, 1)
         res["first_token_s"] = time.perf_counter() - t0
+        res["mode_at_first_token"] = (health or {}).get("mode")
+        if (health or {}).get("upgrade"):
+            # Serving while compiling (--start-mode): one request's decode rate in the start mode, the time
+            # the server switched to the compiled mode (its own mark), and the rate after the switch.
+            res["start_mode_tok_s"] = _decode_rate(base)
+            while time.perf_counter() - t0 < 900 and proc.poll() is None:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    health = json.loads(r.read())
+                if health["upgrade"]["state"] in ("done", "failed"):
+                    break
+                time.sleep(0.2)
+            res["upgrade"] = health.get("upgrade")
+            up = (health.get("startup") or {}).get("marks", {}).get("upgraded")
+            res["full_speed_s"] = up - epoch0 if up else None
+            res["upgraded_tok_s"] = _decode_rate(base)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -336,15 +365,50 @@ def _time_to_first_token(cache: str) -> dict:
     return res
 
 
-def ready_runs(save=lambda: None, out=None):
+READY_STARTS = ("after_warmup", "warm_cache", "cold")
+
+
+def _complete(base: str, max_tokens: int) -> dict:
+    import urllib.request
+
+    body = json.dumps({"model": PRESET, "prompt": list(range(1, 33)), "max_tokens": max_tokens}).encode()
+    req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _decode_rate(base: str, n: int = 128) -> float:
+    """One request's tokens/s end to end over HTTP (32-token prompt, n new tokens, batch 1): a check of
+    which step serves, not a decode benchmark (the engine arm is)."""
+    t = time.perf_counter()
+    out = _complete(base, n)
+    return out["usage"]["completion_tokens"] / (time.perf_counter() - t)
+
+
+def ready_runs(save=lambda: None, out=None, starts=READY_STARTS):
     """Time to ready for the fallback: process start -> first token served by `lab serve` (after its
     warm-up: /health 200), in the playbook's order and after restarts:
       after_warmup  `lab warmup` (step 3; it primes the server's steps into a fresh cache dir), then serve
-      warm_cache    serve again on that cache (a restart of the fallback server)
-      cold          serve on an empty cache dir (no warm-up ran)"""
+      warm_cache    serve again on the cache the previous start used (a restart of the fallback server)
+      cold          serve on an empty cache dir (no warm-up ran)
+    `starts` picks and orders them: "cold,warm_cache" is a cold start and a restart, with no `lab warmup`."""
     out = {} if out is None else out
     out["command"] = f"lab serve --preset {PRESET} --mode {READY_MODE} --compile-cache-dir DIR"
+    out["starts"] = list(starts)
     cache = tempfile.mkdtemp(prefix="compile-cache-")
+    for label in starts:
+        if label == "after_warmup":
+            _lab_warmup(cache, out, save)
+        elif label == "cold":
+            cache = tempfile.mkdtemp(prefix="compile-cache-")
+        out[label] = _time_to_first_token(cache)
+        print("ready", label, out[label], flush=True)
+        save()
+    return out
+
+
+def _lab_warmup(cache: str, out: dict, save) -> None:
+    """`lab warmup` into `cache`, as the drill's step 3 runs it (it primes the server's steps)."""
     warm = [sys.executable, "-m", "lab", "warmup", "--preset", PRESET, "--device", DEV, "--dtype", "bfloat16"]
     warm += ["--mode", READY_MODE, "--compile-cache-dir", cache, "--iters", "1", "--warmup", "0"]
     warm += ["--no-roofline", "--output-json", str(Path(cache) / "warmup.json")]
@@ -358,11 +422,6 @@ def ready_runs(save=lambda: None, out=None):
         out["lab_warmup"]["error"] = r.stderr[-800:]
     print("ready lab_warmup", out["lab_warmup"], flush=True)
     save()
-    for label, d in (("after_warmup", cache), ("warm_cache", cache), ("cold", tempfile.mkdtemp())):
-        out[label] = _time_to_first_token(d)
-        print("ready", label, out[label], flush=True)
-        save()
-    return out
 
 
 def main() -> None:
@@ -387,6 +446,23 @@ def main() -> None:
         default=None,
         help="the mode `lab serve` runs in for the ready arm (default compile-cudagraphs)",
     )
+    ap.add_argument(
+        "--ready-starts",
+        default=",".join(READY_STARTS),
+        help="the ready arm's starts, in order (default after_warmup,warm_cache,cold; "
+        "cold,warm_cache: a cold start, then a restart on its cache, without `lab warmup`)",
+    )
+    ap.add_argument(
+        "--quant-kinds", default=",".join(QUANT_KINDS), help="quant arm: weight formats (fp8,int8)"
+    )
+    ap.add_argument(
+        "--quant-modes",
+        default=",".join(QUANT_MODES),
+        help="quant arm: modes of the batch-16 decode (default eager,compile-cudagraphs; also regional-cudagraphs)",
+    )
+    ap.add_argument(
+        "--no-agreement", action="store_true", help="quant arm: skip the bf16-vs-quantised agreement"
+    )
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
         "--smoke", action="store_true", help="CPU, tiny preset: check the script runs (no figures)"
@@ -399,6 +475,11 @@ def main() -> None:
     global READY_MODE
     READY_MODE = o.ready_mode or COMPILED
     arms = o.arms.split(",")
+    starts = tuple(o.ready_starts.split(","))
+    if not set(starts) <= set(READY_STARTS) or len(set(starts)) != len(starts):
+        ap.error(
+            f"--ready-starts takes each of {', '.join(READY_STARTS)} at most once, got {o.ready_starts!r}"
+        )
     bw = measure_copy_bandwidth("cuda") if DEV == "cuda" else 1e11  # smoke: a placeholder, not a figure
     result = {
         "fingerprint": fingerprint().model_dump(mode="json"),
@@ -446,13 +527,22 @@ def main() -> None:
     if "quant" in arms and o.smoke:
         print("quant: skipped under --smoke (gpt-40b needs the GPU)", flush=True)
     elif "quant" in arms:
-        quant_runs(bw, o.repeats, o.quant_new_tokens, result.setdefault("quant", {}), save)
+        quant_runs(
+            bw,
+            o.repeats,
+            o.quant_new_tokens,
+            result.setdefault("quant", {}),
+            save,
+            tuple(o.quant_kinds.split(",")),
+            tuple(o.quant_modes.split(",")),
+            not o.no_agreement,
+        )
         save()
     elif "agreement" in arms:  # only the bf16-vs-quantised agreement on the 4-layer model (about a minute)
         quant_agreement(result.setdefault("quant", {}), save)
         save()
     if "ready" in arms:
-        ready_runs(save, result.setdefault("ready", {}))
+        ready_runs(save, result.setdefault("ready", {}), starts)
     save()
     # The table: ratios against targets.
     print(f"\ncard {result['card']}, copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -464,7 +554,7 @@ def main() -> None:
                 f"{k:34s} {v['decode_tok_s_per_user']:10.1f} {v['decode_tok_s_per_user'] * b:10.1f} {v['mbu']:6.2f}"
             )
     for k, v in result.get("quant", {}).items():
-        for mode in ("eager", "compile-cudagraphs"):
+        for mode in tuple(QUANT_MODES) + ("regional-cudagraphs", "eager-cudagraphs"):
             if isinstance(v.get(mode), dict) and "mbu" in v[mode]:
                 print(
                     f"{k + '/' + mode + '/b16':34s} {v[mode]['decode_tok_s_per_user']:10.1f} "
@@ -485,7 +575,7 @@ def main() -> None:
             if ours and theirs:
                 print(f"ours/{arm} b{b}: {ours / theirs:.2f}x  ({ours:.1f} vs {theirs:.1f} tok/s/user, e2e)")
     if "ready" in result:
-        for label in ("after_warmup", "warm_cache", "cold"):
+        for label in result["ready"].get("starts", READY_STARTS):
             r = result["ready"].get(label, {})
             print(
                 f"time to ready ({label}): first token {r.get('first_token_s', float('nan')):.1f} s, "
@@ -494,6 +584,14 @@ def main() -> None:
             )
             if r.get("startup_marks_s"):
                 print("    " + ", ".join(f"{k} {v:.1f} s" for k, v in r["startup_marks_s"].items()))
+            if r.get("upgrade"):
+                up = r["upgrade"]
+                print(
+                    f"    served in {up.get('from')} from the first token ({r.get('start_mode_tok_s', 0):.1f} tok/s), "
+                    f"{up.get('to')} {up.get('state')} at {r.get('full_speed_s') or float('nan'):.1f} s "
+                    f"({r.get('upgraded_tok_s', 0):.1f} tok/s; compile {up.get('compile_s', 0):.1f} s, "
+                    f"cache {up.get('compile_cache')})"
+                )
 
 
 if __name__ == "__main__":
