@@ -202,6 +202,7 @@ def test_lab_serve_reports_the_start_mode_then_the_switch(tmp_path):
         body = {"prompt": "after the switch", "max_tokens": 8, "temperature": 0}
         r = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        assert "lab_full_speed 1.0" in httpx.get(url + "/metrics").text
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=60)

@@ -224,7 +224,9 @@ def run(args) -> int:
     import sys
 
     print(
-        f"lab serve: {name} on {prepared.device} ({cfg.mode}), http://{args.host}:{args.port} "
+        f"lab serve: {name} on {prepared.device} ({cfg.mode}"
+        + (f", {cfg.start_mode} until it is compiled" if cfg.start_mode else "")
+        + f"), http://{args.host}:{args.port} "
         f"- /health turns 200 after warm-up; tokenizer: {tokenizer.name}",
         file=sys.stderr,
         flush=True,

@@ -98,6 +98,11 @@ class Metrics:
         Gauge("lab_max_batch_size", "Batch slots (--max-batch-size)", registry=r).set(
             engine.config.max_batch_size
         )
+        Gauge(
+            "lab_full_speed",
+            "1 once the steps run in --mode; 0 while serving in --start-mode (compiling, or the compile failed)",
+            registry=r,
+        ).set_function(lambda: float(engine.mode == engine.config.mode))
         engine.listeners.append(self.observe)
 
     def observe(self, req: EngineRequest) -> None:
