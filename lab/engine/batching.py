@@ -227,8 +227,7 @@ class Engine:
             {"state": "pending", "from": cfg.start_mode, "to": cfg.mode} if cfg.start_mode else None
         )
         self.upgraded = threading.Event()  # set once the upgrade is done or failed
-        self._upgrade_thread: threading.Thread | None = None
-        self._upgrade_result: tuple[Transformer, float, str] | BaseException | None = None
+        self._upgrade_result: tuple[Transformer, str] | BaseException | None = None  # (twin, cache state)
 
     # --- public API (any thread) -------------------------------------------------------------------
     def start(self, warmup: bool = True) -> Engine:
@@ -407,12 +406,12 @@ class Engine:
     def _serve_while_compiling(self) -> bool:
         """Serve in the start mode while `config.mode` compiles in a thread of its own, then switch between
         two ticks. False when the engine stopped first (the compile thread, a daemon, is left behind)."""
-        self._upgrade_thread = threading.Thread(target=self._compile_upgrade, name="lab-compile", daemon=True)
+        thread = threading.Thread(target=self._compile_upgrade, name="lab-compile", daemon=True)
         with self._cv:
             self.upgrade["state"] = "compiling"
         t0 = time.monotonic()
-        self._upgrade_thread.start()
-        while self._upgrade_thread.is_alive():
+        thread.start()
+        while thread.is_alive():
             if not self._loop_once():
                 return False
         self._finish_upgrade(time.monotonic() - t0)
@@ -430,7 +429,6 @@ class Engine:
 
         try:
             before = cache_counters()
-            t0 = time.monotonic()
             with torch.inference_mode():
                 twin = regional_copy(self.model)
                 for _ in range(2):
@@ -439,7 +437,7 @@ class Engine:
                     decode_step(twin, *self._scratch_decode_inputs())
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-            self._upgrade_result = (twin, time.monotonic() - t0, cache_state(before, cache_counters())[0])
+            self._upgrade_result = (twin, cache_state(before, cache_counters())[0])
         except BaseException as e:  # the engine keeps serving in its start mode; the reason is reported
             self._upgrade_result = e
 
@@ -464,7 +462,7 @@ class Engine:
         switch every step to it; or, if the compile failed, keep serving in the start mode and say why."""
         result, info = self._upgrade_result, {"compile_s": seconds}
         if not isinstance(result, BaseException):
-            twin, _, info["compile_cache"] = result
+            twin, info["compile_cache"] = result
             try:
                 t0 = time.monotonic()
                 decode_fn = compile_fn(decode_step, self.config.mode)  # Regional; captures on its first call
