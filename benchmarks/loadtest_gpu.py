@@ -68,7 +68,23 @@ def main() -> int:
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--mode", default="compile-cudagraphs", help="eager, compile, compile-cudagraphs")
+    ap.add_argument(
+        "--mode",
+        default="compile-cudagraphs",
+        help="eager, eager-cudagraphs, compile, compile-cudagraphs, regional, regional-cudagraphs",
+    )
+    ap.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=256,
+        help="KV-cache length per slot (default 256: prompts <= 64 + up to 128 new tokens; lab serve uses 4096)",
+    )
+    ap.add_argument(
+        "--kv-buckets",
+        type=int,
+        default=1,
+        help="EngineConfig.kv_buckets (1: the decode reads the whole cache)",
+    )
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--sweep-new-tokens", type=int, default=128)
     ap.add_argument("--sweep-duration", type=float, default=15.0)
@@ -81,7 +97,7 @@ def main() -> int:
     t_start = time.monotonic()
     ecfg = EngineConfig(
         max_batch_size=args.max_batch_size,
-        max_seq_len=256,  # prompts <= 64 + up to 128 new tokens, rounded up
+        max_seq_len=args.max_seq_len,
         max_new_tokens=max(128, args.sweep_new_tokens),
         max_queue=64,
         queue_timeout_s=5.0,
@@ -89,6 +105,7 @@ def main() -> int:
         prefill_chunk_tokens=128,
         prefill_rows=2,
         mode=args.mode,
+        kv_buckets=args.kv_buckets,
     )
     engine, prepared = build_engine(args.preset, args.model_path, args.device, args.dtype, 0, ecfg)
     engine.start(warmup=True)

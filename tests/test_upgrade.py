@@ -67,8 +67,14 @@ def test_serves_in_the_start_mode_while_compiling_then_switches_with_the_same_to
     model = tiny()
     want = solo_tokens(model, 30)
     gate = gated_compile(monkeypatch)
+    # With --kv-buckets: the twin compiles, and the switch captures, the decode at every KV length.
     cfg = EngineConfig(
-        max_batch_size=4, max_seq_len=96, mode="regional", start_mode="eager", step_delay_s=0.005
+        max_batch_size=4,
+        max_seq_len=96,
+        mode="regional",
+        start_mode="eager",
+        step_delay_s=0.005,
+        kv_buckets=3,
     )
     eng = Engine(model, cfg).start()
     try:

@@ -76,6 +76,14 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
         "regional-cudagraphs",
     )
     g.add_argument(
+        "--kv-buckets",
+        type=positive_int,
+        default=1,
+        help="the decode step reads the KV cache only up to the shortest of this many lengths (--max-seq-len, "
+        "half, a quarter, ...) that holds every running request; each length is compiled and captured at "
+        "warm-up. Not with --mode compile or compile-cudagraphs (default 1: the whole cache)",
+    )
+    g.add_argument(
         "--compile-cache-dir",
         default=".compile-cache",
         help="Inductor's compile cache, shared with lab warmup: a restart loads the compiled decode and "
@@ -114,6 +122,7 @@ def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         prefill_rows=args.prefill_rows,
         mode=mode,
+        kv_buckets=args.kv_buckets,
         step_delay_s=args.simulate_step_delay_ms / 1e3,
     )
 

@@ -76,6 +76,10 @@ class EngineConfig:
     # ticks once it is compiled. The fallback's time to first token then no longer waits for the compiler
     # (issue 10). None: serve in `mode` from the start.
     start_mode: str | None = None
+    # The decode step reads the KV cache only up to the smallest of this many lengths (max_seq_len, half
+    # of it, a quarter, ...) that holds every running request, instead of the whole static cache of
+    # every slot: each length is a step of its own (compiled and captured at warm-up). 1: the whole cache.
+    kv_buckets: int = 1
     step_delay_s: float = 0.0  # drills/tests only: sleep per tick to simulate a slower GPU
     # Inductor's on-disk cache (lab.engine.compile_cache), already pointed at by the caller; recorded here
     # so the artifact says where a restart loads its compiled graphs from. None: the process default.
@@ -100,6 +104,15 @@ class EngineConfig:
                 f"--max-seq-len {self.max_seq_len} exceeds the model's context of {model_context} tokens",
             ),
         ]
+        checks.append((self.kv_buckets >= 1, "--kv-buckets must be >= 1 (1: read the whole cache)"))
+        if self.kv_buckets > 1:
+            checks.append(
+                (
+                    self.mode not in ("compile", "compile-cudagraphs"),
+                    f"--kv-buckets needs --mode eager, eager-cudagraphs, regional or regional-cudagraphs, not "
+                    f"{self.mode} (whole-step compile would turn the lengths into one dynamic graph)",
+                )
+            )
         if self.start_mode is not None:
             checks += [
                 (
@@ -181,6 +194,7 @@ class Engine:
         # A fixed-shape prefill fills its unused rows with throwaway work that writes one scratch cache
         # row past the batch slots (no request ever reads it; the decode step covers slots 0..B-1 only).
         self.scratch_row = cfg.max_batch_size
+        self.kv_lengths = kv_bucket_lengths(cfg.max_seq_len, cfg.kv_buckets)
         model.setup_caches(cfg.max_batch_size + (1 if self.fixed_prefill else 0), cfg.max_seq_len)
         # The steps run on `step_model` in `self.mode`; a background upgrade (cfg.start_mode) swaps all three.
         self.step_model, self.mode = model, cfg.start_mode or cfg.mode
@@ -221,6 +235,10 @@ class Engine:
             raise LabError(
                 "--start-mode is single-GPU only (every rank would have to switch at the same step); "
                 "use --start-mode none with --tensor-parallel-gpus > 1"
+            )
+        if cfg.kv_buckets > 1 and world_size() > 1:
+            raise LabError(
+                "--kv-buckets is single-GPU only; use --kv-buckets 1 with --tensor-parallel-gpus > 1"
             )
         # The background upgrade: pending -> compiling -> done | failed (None without a start mode).
         self.upgrade: dict[str, Any] | None = (
@@ -433,13 +451,25 @@ class Engine:
                 twin = regional_copy(self.model)
                 for _ in range(2):
                     prefill_logits(twin, *self._scratch_prefill_inputs())
-                for _ in range(2):
-                    decode_step(twin, *self._scratch_decode_inputs())
+                for kw in self._decode_variants():
+                    for _ in range(2):
+                        decode_step(twin, *self._scratch_decode_inputs(), **kw)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
             self._upgrade_result = (twin, cache_state(before, cache_counters())[0])
         except BaseException as e:  # the engine keeps serving in its start mode; the reason is reported
             self._upgrade_result = e
+
+    def _decode_variants(self) -> list[dict[str, int]]:
+        """The decode step's keyword arguments, one per compiled/captured variant: one per KV length."""
+        return [{"kv_len": n} for n in self.kv_lengths] if len(self.kv_lengths) > 1 else [{}]
+
+    def _kv_kwargs(self, positions: list[int]) -> dict[str, int]:
+        """The shortest KV length that holds every decoding row's position (and its own new key)."""
+        if len(self.kv_lengths) == 1:
+            return {}
+        need = max(positions) + 1
+        return {"kv_len": next(n for n in self.kv_lengths if n >= need)}
 
     def _scratch_prefill_inputs(self):
         r, w, dev = self.config.prefill_rows, self.prefill_width, self.device
@@ -466,7 +496,8 @@ class Engine:
             try:
                 t0 = time.monotonic()
                 decode_fn = compile_fn(decode_step, self.config.mode)  # Regional; captures on its first call
-                decode_fn(twin, *self._scratch_decode_inputs())
+                for kw in self._decode_variants():
+                    decode_fn(twin, *self._scratch_decode_inputs(), **kw)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 info["capture_s"] = time.monotonic() - t0
@@ -643,6 +674,8 @@ class Engine:
                 None,
                 0.0,
                 None,
+                # The rows not decoding (idle, mid-prefill) may sit past the length: their token is thrown away.
+                **self._kv_kwargs([pos[r._slot] for r in decoding]),
             )
             next_tok = _sample_rows(logits, temps, greedy=tok) if any(t > 0 for t in temps) else tok
             self.decode_steps += 1
@@ -740,16 +773,26 @@ class Engine:
                 torch.full((rows_n,), width - 1, dtype=torch.long, device=dev),
             )
         cur = torch.zeros(b, 1, dtype=torch.long, device=dev)
-        for i in range(4 if self.config.mode == "eager" else 5):
-            pos = torch.full((b, 1), i, dtype=torch.long, device=dev)
-            tok, _ = self.decode_fn(self.step_model, cur, pos, None, 0.0, None)
-            tok.tolist()
+        for kw in self._decode_variants():
+            last = kw.get("kv_len", self.config.max_seq_len) - 1
+            for i in range(4 if self.config.mode == "eager" else 5):
+                pos = torch.full((b, 1), min(i, last), dtype=torch.long, device=dev)
+                tok, _ = self.decode_fn(self.step_model, cur, pos, None, 0.0, None, **kw)
+                tok.tolist()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         # hit: every graph came from the on-disk cache (a restart after `lab warmup`/an earlier serve);
         # miss: compiled from scratch; none: eager, nothing compiled.
         self.compile_cache_state = cache_state(before, cache_counters())[0]
         return time.monotonic() - t0
+
+
+def kv_bucket_lengths(max_seq_len: int, buckets: int) -> list[int]:
+    """max_seq_len, half of it, a quarter, ... (`buckets` lengths at most, none below 1), shortest first."""
+    lengths = [max_seq_len]
+    while len(lengths) < buckets and lengths[-1] // 2 >= 1:
+        lengths.append(lengths[-1] // 2)
+    return sorted(lengths)
 
 
 def prefill_logits(model: Transformer, tokens, input_pos, rows, logits_at):

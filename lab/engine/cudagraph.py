@@ -19,12 +19,14 @@ class CudaGraphDecode:
         self.warmup_calls = warmup_calls
         self.graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, model, tokens, input_pos, rows, temperature: float, top_k: int | None):
+    def __call__(self, model, tokens, input_pos, rows, temperature: float, top_k: int | None, **kw):
+        """kw: passed to the step (the engine's kv_len), and part of the key: one graph per value."""
         cache = model.layers[0].attention.kv_cache
         key = (id(model), cache.k.data_ptr(), tuple(tokens.shape), rows is None, float(temperature), top_k)
+        key += tuple(sorted(kw.items()))
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(model, tokens, input_pos, rows, temperature, top_k)
+            entry = self.graphs[key] = self._capture(model, tokens, input_pos, rows, temperature, top_k, kw)
         graph, s_tok, s_pos, s_rows, out = entry
         s_tok.copy_(tokens)
         s_pos.copy_(input_pos)
@@ -33,7 +35,7 @@ class CudaGraphDecode:
         graph.replay()
         return out
 
-    def _capture(self, model, tokens, input_pos, rows, temperature, top_k):
+    def _capture(self, model, tokens, input_pos, rows, temperature, top_k, kw):
         import torch
 
         s_tok, s_pos = tokens.clone(), input_pos.clone()
@@ -42,9 +44,9 @@ class CudaGraphDecode:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up allocations and lazy inits happen outside the capture
             for _ in range(self.warmup_calls):
-                self.fn(model, s_tok, s_pos, s_rows, temperature, top_k)
+                self.fn(model, s_tok, s_pos, s_rows, temperature, top_k, **kw)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.fn(model, s_tok, s_pos, s_rows, temperature, top_k)
+            out = self.fn(model, s_tok, s_pos, s_rows, temperature, top_k, **kw)
         return graph, s_tok, s_pos, s_rows, out

@@ -69,9 +69,11 @@ def decode_step(
     rows: Tensor | None,
     temperature: float,
     top_k: int | None,
+    kv_len: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """tokens, input_pos: [b, 1]. Returns the next token [b] and its logits [b, vocab]."""
-    logits = model(tokens, input_pos, rows)[:, -1]
+    """tokens, input_pos: [b, 1]. Returns the next token [b] and its logits [b, vocab]. kv_len: read only
+    that much of the KV cache (Transformer.forward; the engine's --kv-buckets)."""
+    logits = model(tokens, input_pos, rows, kv_len=kv_len)[:, -1]
     return sample(logits, temperature, top_k), logits
 
 
@@ -162,9 +164,9 @@ class Regional:
 
             self.graphs = CudaGraphDecode(fn)
 
-    def __call__(self, model: Transformer, *args):
+    def __call__(self, model: Transformer, *args, **kwargs):
         compile_blocks(model)
-        return (self.graphs or self.fn)(model, *args)
+        return (self.graphs or self.fn)(model, *args, **kwargs)
 
 
 def auto_mode(device: torch.device, dtype: str = "auto") -> str:

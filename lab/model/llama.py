@@ -136,6 +136,8 @@ class Attention(nn.Module):
         k = apply_rope(k.view(b, t, hkv, hd), cos, sin)
         v = v.view(b, t, hkv, hd)
         keys, values = self.kv_cache.update(input_pos, k, v, rows)
+        if mask.shape[-1] < keys.shape[2]:  # a bounded read (Transformer.forward's kv_len): the filled prefix
+            keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
         # Grouped-query attention without copying the cache: fold each KV head's group of query
         # heads into the query-length dimension, so keys/values are read once per KV head.
         g = h // hkv
@@ -215,15 +217,19 @@ class Transformer(nn.Module):
         rows: Tensor | None = None,
         last_only: bool = False,
         logits_at: Tensor | None = None,
+        kv_len: int | None = None,
     ) -> Tensor:
         """tokens, input_pos: [b, T]; rows: which cache rows the b sequences use (None: 0..b-1).
         Returns logits [b, T, vocab] in float32 ([b, 1, vocab] with last_only, as prefill needs;
-        with logits_at [b], the logits of that position of each row: right-padded batched prefill)."""
+        with logits_at [b], the logits of that position of each row: right-padded batched prefill).
+        kv_len: the attention reads only the first kv_len cache positions (every query position must be
+        below it); None reads the whole static cache. New keys are written wherever input_pos says."""
         x = self.tok_embeddings(tokens)
         cos = self.rope_cos[input_pos].unsqueeze(2)  # [b, T, 1, D] broadcasts over heads
         sin = self.rope_sin[input_pos].unsqueeze(2)
         # Dense causal mask over the static cache: key j is visible to the query at position p iff j <= p.
-        mask = (self.key_pos[None, None, None, :] <= input_pos[:, None, :, None]).contiguous()
+        key_pos = self.key_pos if kv_len is None else self.key_pos[:kv_len]
+        mask = (key_pos[None, None, None, :] <= input_pos[:, None, :, None]).contiguous()
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, rows)
         if logits_at is not None:
