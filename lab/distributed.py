@@ -735,7 +735,7 @@ def plan_per_rank(args, dtype: str, batch_size: int, max_seq_len: int, world: in
         total_gb=round(total, 3),
         fits=fits,
         headroom_gb=None if memory_gb is None else round(memory_gb - total, 3),
-        suggestions=[] if fits is not False else ["more --tensor-parallel-gpus", "--dtype fp8"],
+        suggestions=[] if fits is not False else ["more --tensor-parallel-gpus", "--dtype int8"],
     )
 
 

@@ -155,7 +155,7 @@ def test_plan_arithmetic_and_verdicts(lab_cli):
     assert p.kv_cache_gb == pytest.approx(2 * 32 * 4096 * 8 * 128 * 2 / 1e9, rel=1e-3)
     assert p.fits and p.reserve_gb == 8.0
     big = plan_memory(get_preset("gpt-40b"), "bfloat16", 1, 4096, 80.0, "cuda", "gpt-40b")
-    assert big.fits is False and "--dtype fp8" in big.suggestions
+    assert big.fits is False and "--dtype int8" in big.suggestions
     r = lab_cli("plan", "--preset", "llama-70b", "--gpu-memory-gb", "80", "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["fits"] is False
 
