@@ -6,14 +6,13 @@ while requests cross the lengths, and the lengths chosen as the positions grow. 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from lab.engine.batching import Engine, EngineConfig, Request, kv_bucket_lengths
 from lab.engine.generate import Generator, decode_step
 from lab.errors import LabError
+from tests.engine_helpers import wait_done
 
 
 def tiny():
@@ -66,10 +65,7 @@ def test_the_engine_serves_the_same_tokens_while_requests_cross_the_lengths():
         assert eng.ready.wait(60) and eng.crashed is None, eng.crashed
         seen.clear()  # warm-up ran every length once; from here on, the engine's own choices
         reqs = [eng.submit(Request(p, 30)) for p in PROMPTS]
-        deadline = time.monotonic() + 120
-        while not all(r.done for r in reqs):
-            assert time.monotonic() < deadline, [r.outcome for r in reqs]
-            time.sleep(0.01)
+        wait_done(reqs)
         assert [r.outcome for r in reqs] == ["ok"] * 3 and [r.tokens for r in reqs] == want
         # The longest request (27 + 30 tokens) reads 48 positions at first, then 96; never a length too short.
         assert seen[0] == 48 and 96 in seen and None not in seen, seen

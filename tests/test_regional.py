@@ -5,14 +5,13 @@ one graph per shape whatever the number of layers. One small compile per shape i
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from lab.engine.batching import Engine, EngineConfig, Request
 from lab.engine.generate import Generator, check_mode
 from lab.errors import LabError
+from tests.engine_helpers import wait_done
 
 
 def tiny(layers: int):
@@ -49,10 +48,7 @@ def test_the_engine_serves_the_same_tokens_in_regional_mode():
         assert eng.ready.wait(300) and eng.crashed is None, eng.crashed
         assert eng.fixed_prefill  # a compiled mode: the fixed-shape prefill, served by the compiled blocks
         reqs = [eng.submit(Request(p, 8)) for p in prompts]
-        deadline = time.monotonic() + 60
-        while not all(r.done for r in reqs):
-            assert time.monotonic() < deadline, [r.outcome for r in reqs]
-            time.sleep(0.01)
+        wait_done(reqs, 60)
         assert [r.outcome for r in reqs] == ["ok"] * 3 and [r.tokens for r in reqs] == solo
     finally:
         eng.stop()

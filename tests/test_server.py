@@ -5,11 +5,8 @@ drain by call and by SIGTERM (a real subprocess), and `lab loadtest --endpoint` 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,6 +16,7 @@ import pytest
 from lab.engine.batching import Engine, EngineConfig
 from lab.engine.server import create_app
 from lab.engine.tokenizer import ByteTokenizer
+from tests.engine_helpers import lab_serve
 
 
 @pytest.fixture(scope="module")
@@ -261,31 +259,15 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     """A real `lab serve` process: SIGTERM mid-stream still delivers every token, then exits 0 with
     the drain report."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("MODEL_PATH", None)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lab",
-            "serve",
-            "--preset",
-            "tiny",
-            "--device",
-            "cpu",
-            "--port",
-            str(port),
-            "--max-seq-len",
-            "256",
-            "--simulate-step-delay-ms",
-            "25",
-            "--drain-timeout-s",
-            "20",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    proc = lab_serve(
+        "--port",
+        str(port),
+        "--max-seq-len",
+        "256",
+        "--simulate-step-delay-ms",
+        "25",
+        "--drain-timeout-s",
+        "20",
     )
     url = f"http://127.0.0.1:{port}"
     try:

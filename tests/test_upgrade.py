@@ -8,9 +8,6 @@ which mode serves. One small compile in-process and one in the `lab serve` proce
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -23,6 +20,7 @@ from lab.commands.serve import resolve_start_mode
 from lab.engine.batching import Engine, EngineConfig, Request
 from lab.engine.generate import Generator
 from lab.errors import LabError
+from tests.engine_helpers import lab_serve, wait_done
 
 
 def tiny(layers: int = 2):
@@ -46,13 +44,6 @@ def run_all(eng: Engine, n: int, timeout_s: float = 120) -> list[Request]:
     reqs = [eng.submit(Request(p, n)) for p in PROMPTS]
     wait_done(reqs, timeout_s)
     return reqs
-
-
-def wait_done(reqs: list[Request], timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not all(r.done for r in reqs):
-        assert time.monotonic() < deadline, [r.outcome for r in reqs]
-        time.sleep(0.01)
 
 
 def gated_compile(monkeypatch) -> threading.Event:
@@ -153,28 +144,8 @@ def test_auto_start_mode():
     assert resolve_start_mode("eager", "regional", 1) == "eager"
 
 
-def lab_serve(*flags: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("MODEL_PATH", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "lab",
-        "serve",
-        "--preset",
-        "tiny",
-        "--device",
-        "cpu",
-        "--max-seq-len",
-        "128",
-    ]
-    return subprocess.Popen(
-        cmd + list(flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-
-
 def test_a_bad_start_mode_pair_is_one_line_before_the_model_loads():
-    proc = lab_serve("--port", "0", "--mode", "compile", "--start-mode", "eager")
+    proc = lab_serve("--port", "0", "--max-seq-len", "128", "--mode", "compile", "--start-mode", "eager")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     lines = [line for line in err.strip().splitlines() if line]
