@@ -152,6 +152,12 @@ def test_a_bad_start_mode_pair_is_one_line_before_the_model_loads():
     assert len(lines) == 1 and "needs --mode regional or regional-cudagraphs" in lines[0], err
 
 
+def test_a_gpu_start_mode_on_the_cpu_names_the_flag():
+    proc = lab_serve("--port", "0", "--mode", "regional", "--start-mode", "eager-cudagraphs")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "--start-mode eager-cudagraphs needs a CUDA GPU" in err, err
+
+
 def test_lab_serve_reports_the_start_mode_then_the_switch(tmp_path):
     from tests.test_server import free_port
 

@@ -199,10 +199,10 @@ def run(args) -> int:
     tp = tp_from_env(args.tensor_parallel_gpus)
     cfg.start_mode = resolve_start_mode(args.start_mode, cfg.mode, tp)
     cfg.validate(spec.args.max_seq_len)  # a bad --start-mode/--mode pair fails before the model is built
-    if cfg.start_mode:
-        from lab.engine.generate import check_mode
-
-        check_mode(cfg.start_mode, resolve_device(args.device))
+    if cfg.start_mode == "eager-cudagraphs" and resolve_device(args.device).type != "cuda":
+        raise LabError(
+            "--start-mode eager-cudagraphs needs a CUDA GPU; use --start-mode eager (or none) on CPU"
+        )
     if tp > 1:
         # The multi-GPU tier under torchrun (lab.distributed): rank 0 serves HTTP and schedules; the
         # other ranks run each step it broadcasts until it stops.
