@@ -225,3 +225,41 @@ def test_lab_compare_measures_regional_on_a_twin_and_leaves_the_model_uncompiled
         if "regional-cudagraphs" in res.methods
         else True
     )
+
+
+def test_a_load_test_against_a_compiling_server_waits_for_the_switch(monkeypatch):
+    """`lab loadtest --endpoint` would otherwise measure two speeds in one run."""
+    import uvicorn
+
+    from lab.engine.server import create_app
+    from lab.engine.tokenizer import ByteTokenizer
+    from lab.loadtest.client import wait_for_full_speed
+    from tests.test_server import free_port
+
+    gate = gated_compile(monkeypatch)
+    cfg = EngineConfig(max_batch_size=4, max_seq_len=96, mode="regional", start_mode="eager", kv_buckets=3)
+    eng = Engine(tiny(), cfg)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(eng, ByteTokenizer(), "tiny", 10), host="127.0.0.1", port=port, log_level="error"
+        )
+    )
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        assert eng.ready.wait(60)
+        got: list = []
+        waiter = threading.Thread(
+            target=lambda: got.append(wait_for_full_speed(f"http://127.0.0.1:{port}/v1", 120, 0.05))
+        )
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not got  # still compiling: the load test has not started
+        gate.set()
+        waiter.join(300)
+        assert got and got[0]["mode"] == "regional" and got[0]["upgrade"]["state"] == "done", got
+    finally:
+        server.should_exit = True
+        th.join(timeout=20)
+        eng.stop()

@@ -130,6 +130,53 @@ def _copy(req, rec: RequestRecord) -> None:
     rec.outcome, rec.reason = req.outcome, req.reason
 
 
+FULL_SPEED_TIMEOUT_S = 900.0
+
+
+def wait_for_full_speed(endpoint: str, timeout_s: float = FULL_SPEED_TIMEOUT_S, poll_s: float = 0.5):
+    """A `lab serve` still compiling its --mode (serving in its --start-mode meanwhile) would mix two speeds
+    in one measurement: wait until its /health says the switch is done, or failed. Returns what /health said
+    about the serving mode ({"mode", "upgrade"}), or None for a server that does not say (another
+    OpenAI-compatible server, or a lab server without a start mode). Raises LabError past `timeout_s`."""
+    import sys
+
+    import httpx
+
+    from lab.errors import LabError
+
+    base = endpoint.rstrip("/").removesuffix("/v1")
+
+    def health() -> dict | None:
+        try:
+            body = httpx.get(base + "/health", timeout=5.0).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    deadline, said = time.monotonic() + timeout_s, False
+    body = health()
+    while body and (body.get("upgrade") or {}).get("state") in ("pending", "compiling"):
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"the server at {endpoint} still serves in its start mode after {timeout_s:.0f} s (compiling "
+                f"{body['upgrade'].get('to')}); wait for /health's upgrade.state to be done, or restart it with "
+                "--start-mode none"
+            )
+        if not said:
+            print(
+                f"loadtest: the server is compiling {body['upgrade'].get('to')} (serving in "
+                f"{body['upgrade'].get('from')} meanwhile); waiting for the switch before measuring",
+                file=sys.stderr,
+                flush=True,
+            )
+            said = True
+        time.sleep(poll_s)
+        body = health() or body
+    if not body or "mode" not in body:
+        return None
+    return {"mode": body["mode"], "upgrade": body.get("upgrade")}
+
+
 class HTTPTarget:
     """Any OpenAI-compatible server: POST /v1/completions with stream=true; one SSE event per token
     (usage.completion_tokens, when the server sends it, corrects the count)."""

@@ -104,6 +104,12 @@ def run_loadtest(
         telemetry_device = engine.device
     art = new_artifact(LoadTestArtifact, params or {"config": config_dict(cfg), "sweep": sweep})
     art.engine = info or ({"target": "http", "endpoint": cfg.endpoint} if cfg.endpoint else {})
+    if cfg.endpoint:
+        from lab.loadtest.client import wait_for_full_speed
+
+        server = wait_for_full_speed(cfg.endpoint)
+        if server is not None:
+            art.engine["server"] = server  # the mode the measured steps ran in
     target = make_target(cfg, engine)
     runs: list[RunResult] = []
     threads = _leave_a_core_for_the_generator(engine)
