@@ -625,6 +625,8 @@ def test_committed_gpu_examples_render_on_every_page(app) -> None:
     assert at.sidebar.selectbox(key="run_id").value == "h100-llama8b-drill"
     for page in ("overview", "health", "warmup", "compare", "loadtest", "capacity", "history"):
         goto(at, page)
+    goto(at, "loadtest")  # what produced the numbers: the H100 drill's engine and its decode mode
+    assert "Served by the in-process engine: llama-8b bfloat16, mode compile-cudagraphs" in texts(at.caption)
     goto(at, "warmup")
     shown = {m.label: m.value for m in at.metric}
     assert any("167" in str(v) for v in shown.values()), shown  # the H100's measured decode tokens/s

@@ -136,6 +136,28 @@ def _label(name: str, a: dict[str, Any]) -> str:
     return f"{name} ({'single GPU' if tp == 1 else f'{tp}-GPU tensor parallel'})"
 
 
+def _served_by(lt: dict) -> str | None:
+    """What produced these numbers: the in-process engine's decode mode and shape, or the endpoint and the
+    mode its `lab serve` said it ran in (after any switch from its start mode)."""
+    eng = lt.get("engine") if isinstance(lt.get("engine"), dict) else {}
+    cfg = eng.get("config") if isinstance(eng.get("config"), dict) else {}
+    if eng.get("target") == "in-process" and cfg.get("mode"):
+        buckets = num(cfg.get("kv_buckets"))
+        return (
+            f"Served by the in-process engine: {eng.get('preset') or 'model'} {eng.get('dtype') or ''}, mode "
+            f"{cfg['mode']}, batch {cfg.get('max_batch_size')}, KV cache {cfg.get('max_seq_len')} tokens"
+            + (f" read in {int(buckets)} lengths" if buckets and buckets > 1 else "")
+        )
+    if eng.get("target") == "http":
+        server = eng.get("server") if isinstance(eng.get("server"), dict) else {}
+        mode = f"; the server ran mode {server['mode']}" if server.get("mode") else ""
+        up = server.get("upgrade") if isinstance(server.get("upgrade"), dict) else {}
+        if up.get("state") == "failed":
+            mode += f" (its compile of {up.get('to')} had failed)"
+        return f"Served by {eng.get('endpoint')}{mode}"
+    return None
+
+
 def render() -> None:
     run = ui.current_run()
     ui.header("Load test", "How does the fallback behave under open-loop load, and where is its knee?", run)
@@ -157,6 +179,9 @@ def render() -> None:
     name, lt = labels.get(choice) or tests[0]
     ui.status_line(lt, name)
     ui.environment_caption(lt)
+    served = _served_by(lt)
+    if served:
+        st.caption(served)
     s = lt.get("summary") or {}
     slo = data.slo_ms(lt)
 
