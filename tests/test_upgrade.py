@@ -85,6 +85,7 @@ def test_serves_in_the_start_mode_while_compiling_then_switches_with_the_same_to
         up = eng.stats()["upgrade"]
         assert up["state"] == "done" and up["from"] == "eager" and up["to"] == "regional", up
         assert up["compile_s"] > 0 and "compile_cache" in up
+        assert list(up["phases_s"]) == ["twin", "prefill", "decode_kv24", "decode_kv48", "decode_kv96"], up
         assert eng.mode == "regional" and eng.stats()["mode"] == "regional"
         assert [r.outcome for r in across] == ["ok"] * 3 and [r.tokens for r in across] == want
 

@@ -245,7 +245,8 @@ class Engine:
             {"state": "pending", "from": cfg.start_mode, "to": cfg.mode} if cfg.start_mode else None
         )
         self.upgraded = threading.Event()  # set once the upgrade is done or failed
-        self._upgrade_result: tuple[Transformer, str] | BaseException | None = None  # (twin, cache state)
+        # (twin, cache state, seconds per phase) or the compile's exception
+        self._upgrade_result: tuple[Transformer, str, dict[str, float]] | BaseException | None = None
 
     # --- public API (any thread) -------------------------------------------------------------------
     def start(self, warmup: bool = True) -> Engine:
@@ -445,18 +446,28 @@ class Engine:
         from lab.engine.compile_cache import cache_counters, cache_state
         from lab.engine.generate import regional_copy
 
+        # Seconds per phase, so a slow switch (or a slow start-mode request meanwhile) says where it went.
+        phases, t = {}, time.monotonic()
+
+        def lap(name: str) -> None:
+            nonlocal t
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            phases[name], t = time.monotonic() - t, time.monotonic()
+
         try:
             before = cache_counters()
             with torch.inference_mode():
                 twin = regional_copy(self.model)
+                lap("twin")
                 for _ in range(2):
                     prefill_logits(twin, *self._scratch_prefill_inputs())
+                lap("prefill")
                 for kw in self._decode_variants():
                     for _ in range(2):
                         decode_step(twin, *self._scratch_decode_inputs(), **kw)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-            self._upgrade_result = (twin, cache_state(before, cache_counters())[0])
+                    lap(f"decode_kv{kw['kv_len']}" if kw else "decode")
+            self._upgrade_result = (twin, cache_state(before, cache_counters())[0], phases)
         except BaseException as e:  # the engine keeps serving in its start mode; the reason is reported
             self._upgrade_result = e
 
@@ -492,7 +503,7 @@ class Engine:
         switch every step to it; or, if the compile failed, keep serving in the start mode and say why."""
         result, info = self._upgrade_result, {"compile_s": seconds}
         if not isinstance(result, BaseException):
-            twin, info["compile_cache"] = result
+            twin, info["compile_cache"], info["phases_s"] = result
             try:
                 t0 = time.monotonic()
                 decode_fn = compile_fn(decode_step, self.config.mode)  # Regional; captures on its first call
