@@ -71,9 +71,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
         "--mode",
         default="auto",
         help="decode step: auto (regional-cudagraphs on a GPU, compile-cudagraphs for int8 weights; eager on "
-        "CPU), eager, eager-cudagraphs (no "
-        "compiler: ready in seconds), compile, compile-cudagraphs, regional (blocks compiled one by one), "
-        "regional-cudagraphs",
+        "CPU), eager, eager-cudagraphs (no compiler: ready in seconds), compile, compile-cudagraphs, regional "
+        "(blocks compiled one by one), regional-cudagraphs",
     )
     g.add_argument(
         "--kv-buckets",
@@ -98,7 +97,6 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
 
 
 def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
-
     from lab.engine.batching import EngineConfig
     from lab.engine.generate import auto_mode, check_mode, compiles
     from lab.model import resolve_device

@@ -133,6 +133,11 @@ def _copy(req, rec: RequestRecord) -> None:
 FULL_SPEED_TIMEOUT_S = 900.0
 
 
+def base_url(endpoint: str) -> str:
+    """The server's root: --endpoint may be given with or without the OpenAI /v1 suffix."""
+    return endpoint.rstrip("/").removesuffix("/v1")
+
+
 def wait_for_full_speed(endpoint: str, timeout_s: float = FULL_SPEED_TIMEOUT_S, poll_s: float = 0.5):
     """A `lab serve` still compiling its --mode (serving in its --start-mode meanwhile) would mix two speeds
     in one measurement: wait until its /health says the switch is done, or failed. Returns what /health said
@@ -144,7 +149,7 @@ def wait_for_full_speed(endpoint: str, timeout_s: float = FULL_SPEED_TIMEOUT_S, 
 
     from lab.errors import LabError
 
-    base = endpoint.rstrip("/").removesuffix("/v1")
+    base = base_url(endpoint)
 
     def health() -> dict | None:
         try:
@@ -186,9 +191,7 @@ class HTTPTarget:
     def __init__(
         self, endpoint: str, model: str = "lab", timeout_s: float = 600.0, prompt_format: str = "ids"
     ):
-        self.base = endpoint.rstrip("/")
-        if self.base.endswith("/v1"):
-            self.base = self.base[: -len("/v1")]
+        self.base = base_url(endpoint)
         self.model, self.timeout_s, self.prompt_format = model, timeout_s, prompt_format
         self.client = None
         self.in_flight = 0
