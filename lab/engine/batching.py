@@ -18,6 +18,7 @@ requests and finishes the accepted ones. Every request ends in exactly one outco
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -43,6 +44,7 @@ from lab.model.llama import Transformer
 GB = 1e9
 START_MODES = ("eager", "eager-cudagraphs")  # EngineConfig.start_mode: nothing to compile
 UPGRADE_MODES = ("regional", "regional-cudagraphs")  # compiled beside the live engine (regional_copy)
+COMPILING_SWITCH_INTERVAL_S = 0.0002  # sys.setswitchinterval while the compile thread runs (see there)
 OUTCOMES = (
     "ok",
     "rejected_queue_full",
@@ -386,10 +388,12 @@ class Engine:
 
     def _run(self, warmup: bool) -> None:
         try:
-            if compiles(self.config.mode):
+            if compiles(self.mode):
                 # Inductor's config overrides are per thread from torch 2.12 (ContextVars): set in the thread
                 # that built the engine, they did not reach this one, so the server compiled without the
                 # tuning (and with other cache keys than `lab warmup`'s prime, which then missed).
+                # Not for a start mode: importing Inductor's config imports Dynamo (1.1 s on this 2-core
+                # host) before the first token; the compile thread and the switch (compile_fn) tune their own.
                 tune_inductor()
             if self.config.mode == "compile-cudagraphs":
                 _cudagraph_state_for_this_thread()
@@ -429,10 +433,20 @@ class Engine:
         with self._cv:
             self.upgrade["state"] = "compiling"
         t0 = time.monotonic()
-        thread.start()
-        while thread.is_alive():
-            if not self._loop_once():
-                return False
+        # Every torch op releases the GIL while it runs, and taking it back from a busy thread waits for the
+        # switch interval (5 ms by default). With the compile thread (Dynamo, Python through and through)
+        # holding it, each op of an eager prefill and each step's sync in the engine waited up to 5 ms:
+        # one request ran at 20-34 tok/s instead of 117, and the first token came 2-4 s late (H100,
+        # llama-8b, session 15). A short interval while compiling gives the engine its turn first.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, COMPILING_SWITCH_INTERVAL_S))
+        try:
+            thread.start()
+            while thread.is_alive():
+                if not self._loop_once():
+                    return False
+        finally:
+            sys.setswitchinterval(switch)
         self._finish_upgrade(time.monotonic() - t0)
         return True
 

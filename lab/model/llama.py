@@ -184,7 +184,12 @@ class Transformer(nn.Module):
         super().__init__()
         args.validate()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # Given its weight, the embedding skips its default init: lab.model.build_model writes every weight
+        # (checkpoint or seeded random), and on the meta device that init's normal_ runs a Python reference
+        # that imports torch._dynamo, 1.7 s on the critical path of every `lab serve` start.
+        self.tok_embeddings = nn.Embedding(
+            args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim)
+        )
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
