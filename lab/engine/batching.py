@@ -784,7 +784,9 @@ class Engine:
         b, dev = self.config.max_batch_size, self.device
         if self.fixed_prefill:
             r, w = self.config.prefill_rows, self.prefill_width
-            calls = [(r, w, [self.scratch_row] * r)] * 3
+            # Three calls compile the prefill shape (and settle its guards); an eager start mode's prefill
+            # needs one, to set up cuBLAS before the first request.
+            calls = [(r, w, [self.scratch_row] * r)] * (3 if compiles(self.mode) else 1)
         else:
             n = min(8, self.config.prefill_chunk_tokens, self.config.max_seq_len - 1)
             calls = [(1, n, [0])]

@@ -128,9 +128,24 @@ def _prefix(model: Transformer, module: torch.nn.Module) -> str:
     raise AssertionError("module not in model")
 
 
+def _empty_on(module: torch.nn.Module, device: torch.device) -> None:
+    """`module.to_empty(device)` without its `empty_like` of meta tensors: that runs torch's Python reference,
+    which imports sympy, 2.3-3.6 s on the critical path of every `lab serve` start (H100 host, session 16).
+    `torch.empty` of each shape allocates the same storage, uninitialised, through the C++ path."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                m._parameters[name] = torch.nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad
+                )
+        for name, b in m._buffers.items():
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+
 @torch.no_grad()
 def _materialise(module, device, state, prefix: str, seed: int, n_layers: int) -> None:
-    module.to_empty(device=device)
+    _empty_on(module, device)
     if state is None:
         init_random_weights(module, seed, n_layers)
         return
