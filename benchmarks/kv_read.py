@@ -1,6 +1,6 @@
 """What `--kv-buckets` buys: one decode step of the engine's shape (llama-8b bf16, 16 slots, the 4,096-token
 cache `lab serve` allocates), captured in a CUDA graph, reading the whole static cache (kv_len None) or only
-its first 256 / 1,024 / 2,048 positions; per mode: eager-cudagraphs (serve's start mode, nothing to
+its first 512 / 1,024 / 2,048 positions; per mode: eager-cudagraphs (serve's start mode, nothing to
 compile) and regional-cudagraphs (serve's mode on a GPU; each length compiles the block once more).
 
 Per arm: median ms per step over CUDA-event-timed replays (p10/p90 beside it), tokens/s aggregate, and the
@@ -51,6 +51,12 @@ def closed_batch(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -
     return steady / (t_end - t_all_first)
 
 
+def save(out: str, res: dict) -> None:
+    """Written after every arm, so a run cut short keeps what it measured."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "kv_read.json").write_text(json.dumps(res, indent=1))
+
+
 def time_step(step, model, tok, pos, kv_len: int | None, steps: int) -> tuple[float, list[float]]:
     """Median ms of `steps` CUDA-event-timed calls (after 3 that capture and settle), and the deciles."""
     kw = {} if kv_len is None else {"kv_len": kv_len}
@@ -73,7 +79,7 @@ def main() -> int:
     ap.add_argument("--preset", default="llama-8b")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-seq-len", type=int, default=4096)
-    ap.add_argument("--lengths", default="256,1024,2048", help="bounded reads to time beside the full one")
+    ap.add_argument("--lengths", default="512,1024,2048", help="bounded reads to time beside the full one")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--modes", default="eager-cudagraphs,regional-cudagraphs")
     ap.add_argument(
@@ -105,7 +111,8 @@ def main() -> int:
             for kv_len in [None] + [int(x) for x in o.lengths.split(",")]:
                 ms, q = time_step(step, model, tok, pos, kv_len, o.steps)
                 read = weights + kv_per_pos * (kv_len or o.max_seq_len)
-                res["arms"][f"{mode} {kv_len or 'full'}"] = {
+                name = f"{mode} {kv_len or 'full'}"
+                res["arms"][name] = {
                     "ms_per_step": ms,
                     "p10_ms": q[0],
                     "p90_ms": q[-1],
@@ -113,6 +120,8 @@ def main() -> int:
                     "bytes_per_step": read,
                     "mbu": read / (ms / 1e3) / bw,
                 }
+                print(f"{name}: {ms:.2f} ms/step", flush=True)
+                save(o.out, res)
     res["engine"] = {}
     for buckets in [int(x) for x in o.engine_buckets.split(",") if x]:
         cfg = EngineConfig(
@@ -128,8 +137,9 @@ def main() -> int:
             "runs": rates,
             "warmup_s": engine.warmup_s,
         }
-    Path(o.out).mkdir(parents=True, exist_ok=True)
-    (Path(o.out) / "kv_read.json").write_text(json.dumps(res, indent=1))
+        print(f"engine kv_buckets {buckets}: {statistics.median(rates):.0f} tok/s", flush=True)
+        save(o.out, res)
+    save(o.out, res)
     print(f"{res['card']}, copy {bw / 1e12:.2f} TB/s, {o.preset} batch {o.batch}, cache {o.max_seq_len}")
     print(f"{'mode, kv read':>26s} {'ms/step':>8s} {'tok/s':>8s} {'GB/step':>8s} {'MBU':>5s}")
     for k, v in res["arms"].items():

@@ -4,7 +4,7 @@ Two fresh processes, each starting the way `lab serve` starts:
 1. the imports `lab serve` makes before its `imports` mark, under `python -X importtime`: the total and the
    slowest modules (cumulative microseconds, as Python reports them);
 2. the build, timed with the GPU synchronised at every boundary: CUDA initialisation, the memory plan, the
-   model built on the meta device, storage allocated (`to_empty`), random weights written, the KV cache and
+   model built on the meta device, one block's storage allocated (as build_model does), random weights written, the KV cache and
    engine, and the engine's warm-up (CUDA-graph capture of the decode in the start mode). The build also
    runs under cProfile; the functions with the most cumulative time are kept, so a slow phase names its
    culprit.
@@ -84,7 +84,7 @@ def build(args) -> dict:
         torch.cuda.mem_get_info()
     lap("cuda_init")
     from lab.engine.batching import Engine, EngineConfig
-    from lab.model import build_model, resolve_spec
+    from lab.model import _empty_on, build_model, resolve_spec
     from lab.model.llama import Transformer, init_random_weights
     from lab.model.plan import check_fits, device_memory_gb, plan_memory
 
@@ -98,8 +98,8 @@ def build(args) -> dict:
     with torch.device("meta"):
         probe = Transformer(spec.args).to(dtype)
     lap("meta_model")
-    probe.layers[0].to_empty(device=dev)
-    lap("to_empty_one_block")
+    _empty_on(probe.layers[0], dev)
+    lap("allocate_one_block")
     init_random_weights(probe.layers[0], 0, spec.args.n_layers)
     lap("init_one_block")
     del probe

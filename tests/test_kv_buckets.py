@@ -78,5 +78,46 @@ def test_the_engine_serves_the_same_tokens_while_requests_cross_the_lengths():
 def test_whole_step_compile_cannot_bucket(mode):
     with pytest.raises(LabError, match="--kv-buckets needs --mode eager, eager-cudagraphs, regional"):
         EngineConfig(mode=mode, kv_buckets=4).validate(4096)
-    with pytest.raises(LabError, match="--kv-buckets must be >= 1"):
-        EngineConfig(kv_buckets=0).validate(4096)
+    for n in (0, 9):
+        with pytest.raises(LabError, match="--kv-buckets must be between 1 .* and 8"):
+            EngineConfig(kv_buckets=n).validate(4096)
+
+
+def test_regional_compilation_keeps_a_graph_per_bucket():
+    """Every length's decode, the prefill and more fit under Dynamo's per-code-object graph limit, which
+    tune_inductor raises: past it (8 by default) the blocks would silently run uncompiled."""
+    import torch._dynamo.config as dynamo_cfg
+
+    from lab.engine.batching import MAX_KV_BUCKETS
+    from lab.engine.generate import tune_inductor
+
+    tune_inductor()
+    assert dynamo_cfg.recompile_limit >= 2 * (MAX_KV_BUCKETS + 1)
+
+
+def test_auto_buckets_on_one_gpu_where_the_mode_can_bucket(monkeypatch):
+    from lab.engine.generate import GPU_KV_BUCKETS, auto_kv_buckets
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert GPU_KV_BUCKETS > 1
+    for mode in ("regional-cudagraphs", "regional", "eager-cudagraphs", "eager"):
+        assert auto_kv_buckets(cuda, mode) == GPU_KV_BUCKETS
+        assert auto_kv_buckets(cpu, mode) == 1  # tests and the CPU drill: no compile per length
+    for mode in ("compile", "compile-cudagraphs"):
+        assert auto_kv_buckets(cuda, mode) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: tensor parallel reads the whole cache
+    assert auto_kv_buckets(cuda, "regional-cudagraphs") == 1
+    EngineConfig(mode="regional-cudagraphs", kv_buckets=GPU_KV_BUCKETS).validate(4096)
+
+
+def test_kv_buckets_flag_takes_auto_or_a_count_and_names_itself_when_wrong():
+    from tests.engine_helpers import lab_serve
+
+    proc = lab_serve("--port", "0", "--kv-buckets", "many")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "--kv-buckets" in err and "'auto' or a positive integer" in err, err
+    proc = lab_serve("--port", "0", "--kv-buckets", "12", "--mode", "eager")
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert proc.returncode != 0 and len(lines) == 1 and "--kv-buckets must be between 1" in lines[0], err

@@ -160,3 +160,22 @@ def test_decode_modes_benchmark_rejects_cudagraphs_on_cpu(tmp_path):
     assert r.returncode == 2
     assert "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "decode_modes.json").exists()
+
+
+def test_startup_profile_benchmark_cpu_smoke(tmp_path):
+    """benchmarks/startup_profile.py runs and writes its phases and import times (never a speed asserted)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "MODEL_PATH"}, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "startup_profile.py"), "--out", str(tmp_path)]
+        + ["--device", "cpu", "--preset", "tiny", "--max-seq-len", "128", "--slots", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "startup_profile.json").read_text())
+    assert data["benchmark"] == "startup_profile" and data["environment"]["python"]
+    assert list(data["build"]["phases_s"])[-2:] == ["engine_built", "engine_warmup"]
+    assert any(m["module"] == "torch" for m in data["imports"]["slowest_cumulative_us"])

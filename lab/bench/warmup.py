@@ -408,11 +408,16 @@ def prime_serving(cfg: WarmupConfig, prepared, mode: str, cache_dir: Path | None
     its figures are already measured; a skipped or failed prime only costs the server a cold compile)."""
     from lab.distributed import world_size
     from lab.engine.batching import Engine, EngineConfig
-    from lab.engine.generate import compiles
+    from lab.engine.generate import auto_kv_buckets, compiles
     from lab.faults import is_oom
 
     batch, seq = serving_shapes(cfg, prepared)
-    info: dict[str, Any] = {"max_batch_size": batch, "max_seq_len": seq, "prime_s": None}
+    info: dict[str, Any] = {
+        "max_batch_size": batch,
+        "max_seq_len": seq,
+        "kv_buckets": auto_kv_buckets(prepared.device, mode),
+        "prime_s": None,
+    }
     why = None
     if not cfg.prime_serving:
         why = "not asked (--no-prime-serving)"
@@ -434,7 +439,13 @@ def prime_serving(cfg: WarmupConfig, prepared, mode: str, cache_dir: Path | None
     try:
         engine = Engine(
             prepared.model,
-            EngineConfig(max_batch_size=batch, max_seq_len=seq, mode=mode, compile_cache_dir=str(cache_dir)),
+            EngineConfig(
+                max_batch_size=batch,
+                max_seq_len=seq,
+                mode=mode,
+                compile_cache_dir=str(cache_dir),
+                kv_buckets=auto_kv_buckets(prepared.device, mode),  # lab serve's default: a step per length
+            ),
             eos_id=prepared.spec.args.eos_token_id,
         )
         with torch.inference_mode():  # as the engine's own thread runs it (Engine._run): the same graphs

@@ -35,6 +35,13 @@ nonneg_float = _number(float, 0, None, False, "a non-negative number")
 fraction = _number(float, 0, 1, True, "a fraction in (0, 1]")
 
 
+def auto_or_positive_int(text: str) -> str | int:
+    return "auto" if text == "auto" else _auto_or_int(text)
+
+
+_auto_or_int = _number(int, 0, None, True, "'auto' or a positive integer")
+
+
 def int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.replace(" ", "").split(",") if x]

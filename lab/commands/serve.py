@@ -6,6 +6,7 @@ import argparse
 
 from lab.commands._common import (
     add_model_args,
+    auto_or_positive_int,
     fraction,
     nonneg_float,
     nonneg_int,
@@ -76,11 +77,12 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
     )
     g.add_argument(
         "--kv-buckets",
-        type=positive_int,
-        default=1,
+        type=auto_or_positive_int,
+        default="auto",
         help="the decode step reads the KV cache only up to the shortest of this many lengths (--max-seq-len, "
         "half, a quarter, ...) that holds every running request; each length is compiled and captured at "
-        "warm-up. Not with --mode compile or compile-cudagraphs (default 1: the whole cache)",
+        "warm-up. 1: the whole cache. Not with --mode compile or compile-cudagraphs, nor tensor parallel "
+        "(default auto: 4 on one GPU where it applies, else 1)",
     )
     g.add_argument(
         "--compile-cache-dir",
@@ -98,7 +100,7 @@ def add_engine_args(p: argparse.ArgumentParser, max_seq_len_default: int | None)
 
 def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
     from lab.engine.batching import EngineConfig
-    from lab.engine.generate import auto_mode, check_mode, compiles
+    from lab.engine.generate import auto_kv_buckets, auto_mode, check_mode, compiles
     from lab.model import resolve_device
 
     mode = args.mode
@@ -120,7 +122,9 @@ def engine_config_from_args(args, max_new_tokens_cap: int, max_seq_len: int):
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         prefill_rows=args.prefill_rows,
         mode=mode,
-        kv_buckets=args.kv_buckets,
+        kv_buckets=auto_kv_buckets(resolve_device(args.device), mode)
+        if args.kv_buckets == "auto"
+        else args.kv_buckets,
         step_delay_s=args.simulate_step_delay_ms / 1e3,
     )
 

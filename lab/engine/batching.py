@@ -44,6 +44,7 @@ from lab.model.llama import Transformer
 GB = 1e9
 START_MODES = ("eager", "eager-cudagraphs")  # EngineConfig.start_mode: nothing to compile
 UPGRADE_MODES = ("regional", "regional-cudagraphs")  # compiled beside the live engine (regional_copy)
+MAX_KV_BUCKETS = 8  # EngineConfig.kv_buckets: one compiled, captured decode per length (see tune_inductor)
 COMPILING_SWITCH_INTERVAL_S = 0.0002  # sys.setswitchinterval while the compile thread runs (see there)
 OUTCOMES = (
     "ok",
@@ -106,7 +107,13 @@ class EngineConfig:
                 f"--max-seq-len {self.max_seq_len} exceeds the model's context of {model_context} tokens",
             ),
         ]
-        checks.append((self.kv_buckets >= 1, "--kv-buckets must be >= 1 (1: read the whole cache)"))
+        checks.append(
+            (
+                1 <= self.kv_buckets <= MAX_KV_BUCKETS,
+                f"--kv-buckets must be between 1 (read the whole cache) and {MAX_KV_BUCKETS} (each length is a "
+                "compiled and captured step of its own)",
+            )
+        )
         if self.kv_buckets > 1:
             checks.append(
                 (

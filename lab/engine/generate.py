@@ -88,15 +88,25 @@ def no_recompile() -> Iterator[None]:
         yield
 
 
+REGIONAL_GRAPHS_LIMIT = (
+    64  # Dynamo graphs per code object (see tune_inductor); kv buckets are capped below it
+)
+
+
 def tune_inductor() -> None:
     """Inductor settings gpt-fast uses for decode. Coordinate-descent tuning of the GEMV-like reduction
     kernels is what lifts batch-1 decode toward the bandwidth roofline; the FX graph cache lets a restart
     reuse compiled graphs."""
+    import torch._dynamo.config as dynamo_cfg
     import torch._inductor.config as cfg
 
     cfg.coordinate_descent_tuning = True
     cfg.triton.unique_kernel_names = True
     cfg.fx_graph_cache = True
+    # Regional compilation keeps one static graph per shape of the one block code object: the prefill,
+    # and the decode at each --kv-buckets length. Past Dynamo's default of 8 graphs it would run the
+    # block uncompiled, with a warning only (seen on an H100: kv_read.py's arms and two engines).
+    dynamo_cfg.recompile_limit = max(dynamo_cfg.recompile_limit, REGIONAL_GRAPHS_LIMIT)
 
 
 def compile_fn(fn: Callable, mode: str) -> Callable:
@@ -184,6 +194,22 @@ def auto_mode(device: torch.device, dtype: str = "auto") -> str:
     if dtype == "int8" or (launched_world_size() or 1) > 1:
         return "compile-cudagraphs"
     return "regional-cudagraphs"
+
+
+GPU_KV_BUCKETS = 4  # --kv-buckets auto on one GPU: the whole cache, a half, a quarter, an eighth
+
+
+def auto_kv_buckets(device: torch.device, mode: str) -> int:
+    """`--kv-buckets auto`. On one GPU, in a mode that can bucket (not a whole-step compile, not tensor
+    parallel): 4 lengths, so a short request's decode reads an eighth of the 4,096-token cache, not all of
+    it. Bandwidth-bound: the whole read of `lab serve`'s llama-8b cache is 8.6 GB per step beside 16 GB of
+    weights, 2.9 ms of a 12.7 ms batch-16 step on an H100 (benchmarks/kv_read.py). On the CPU: 1, the
+    whole cache (no compile per length in the tests and the drill)."""
+    if device.type != "cuda" or mode in ("compile", "compile-cudagraphs"):
+        return 1
+    from lab.distributed import launched_world_size
+
+    return 1 if (launched_world_size() or 1) > 1 else GPU_KV_BUCKETS
 
 
 def check_mode(mode: str, device: torch.device) -> None:
