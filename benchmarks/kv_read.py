@@ -83,7 +83,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--modes", default="eager-cudagraphs,regional-cudagraphs")
     ap.add_argument(
-        "--engine-buckets", default="1,5", help="the engine part's --kv-buckets values ('' skips it)"
+        "--engine-buckets", default="1,4", help="the engine part's --kv-buckets values ('' skips it)"
     )
     ap.add_argument("--repeats", type=int, default=3)
     o = ap.parse_args()
