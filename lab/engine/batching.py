@@ -203,7 +203,11 @@ class Engine:
         # A fixed-shape prefill fills its unused rows with throwaway work that writes one scratch cache
         # row past the batch slots (no request ever reads it; the decode step covers slots 0..B-1 only).
         self.scratch_row = cfg.max_batch_size
-        self.kv_lengths = kv_bucket_lengths(cfg.max_seq_len, cfg.kv_buckets)
+        # The KV lengths the decode reads now. A start mode reads the whole cache (one graph to capture
+        # before the first token: capturing 4 lengths took the warm-up from 0.8 to 1.8-3.7 s on an H100);
+        # the switch to `mode` brings in every length (compiled and captured by then).
+        self.kv_lengths_target = kv_bucket_lengths(cfg.max_seq_len, cfg.kv_buckets)
+        self.kv_lengths = [cfg.max_seq_len] if cfg.start_mode else self.kv_lengths_target
         model.setup_caches(cfg.max_batch_size + (1 if self.fixed_prefill else 0), cfg.max_seq_len)
         # The steps run on `step_model` in `self.mode`; a background upgrade (cfg.start_mode) swaps all three.
         self.step_model, self.mode = model, cfg.start_mode or cfg.mode
@@ -484,7 +488,7 @@ class Engine:
                 for _ in range(2):
                     prefill_logits(twin, *self._scratch_prefill_inputs())
                 lap("prefill")
-                for kw in self._decode_variants():
+                for kw in self._decode_variants(self.kv_lengths_target):
                     for _ in range(2):
                         decode_step(twin, *self._scratch_decode_inputs(), **kw)
                     lap(f"decode_kv{kw['kv_len']}" if kw else "decode")
@@ -492,9 +496,11 @@ class Engine:
         except BaseException as e:  # the engine keeps serving in its start mode; the reason is reported
             self._upgrade_result = e
 
-    def _decode_variants(self) -> list[dict[str, int]]:
-        """The decode step's keyword arguments, one per compiled/captured variant: one per KV length."""
-        return [{"kv_len": n} for n in self.kv_lengths] if len(self.kv_lengths) > 1 else [{}]
+    def _decode_variants(self, lengths: list[int] | None = None) -> list[dict[str, int]]:
+        """The decode step's keyword arguments, one per compiled/captured variant: one per KV length (those
+        read now, or `lengths`)."""
+        lengths = self.kv_lengths if lengths is None else lengths
+        return [{"kv_len": n} for n in lengths] if len(lengths) > 1 else [{}]
 
     def _kv_kwargs(self, positions: list[int]) -> dict[str, int]:
         """The shortest KV length that holds every decoding row's position (and its own new key)."""
@@ -528,12 +534,13 @@ class Engine:
             try:
                 t0 = time.monotonic()
                 decode_fn = compile_fn(decode_step, self.config.mode)  # Regional; captures on its first call
-                for kw in self._decode_variants():
+                for kw in self._decode_variants(self.kv_lengths_target):
                     decode_fn(twin, *self._scratch_decode_inputs(), **kw)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 info["capture_s"] = time.monotonic() - t0
                 self.step_model, self.decode_fn, self.prefill_fn = twin, decode_fn, prefill_logits
+                self.kv_lengths = self.kv_lengths_target
             except Exception as e:
                 result = e
         with self._cv:
