@@ -78,7 +78,7 @@ def test_serves_in_the_start_mode_while_compiling_then_switches_with_the_same_to
         # The engine takes the GIL back from the compile thread within 0.2 ms, not Python's 5 ms.
         assert sys.getswitchinterval() == pytest.approx(COMPILING_SWITCH_INTERVAL_S)
         assert eng.fixed_prefill  # the target mode's prefill shape from the start: the switch keeps it
-        assert eng.kv_lengths == [96]  # the start mode reads the whole cache: one graph before the first token
+        assert eng.kv_lengths == [96]  # a start mode reads the whole cache: one graph before the first token
         before = run_all(eng, 30)
         assert [r.outcome for r in before] == ["ok"] * 3 and [r.tokens for r in before] == want
         assert all(layer._compiled_call_impl is None for layer in model.layers)  # served uncompiled
