@@ -4,7 +4,8 @@ its first 512 / 1,024 / 2,048 positions; per mode: eager-cudagraphs (serve's sta
 compile) and regional-cudagraphs (serve's mode on a GPU; each length compiles the block once more).
 
 Per arm: median ms per step over CUDA-event-timed replays (p10/p90 beside it), tokens/s aggregate, and the
-bytes the step must read (weights + the K/V it reads) over the copy bandwidth measured in the same run (MBU).
+bytes the step must read (lab.bench.roofline: weights but the embedding table, + the K/V it reads) over the
+copy bandwidth measured in the same run (MBU).
 
 Then the engine as `lab serve` runs it (regional-cudagraphs, 16 slots, 4,096 tokens) with `--kv-buckets 1`
 and N: a closed batch of 16 short requests (64-token prompts, 256 new tokens) submitted at once, decode
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lab.bench.roofline import measure_copy_bandwidth
+from lab.bench.roofline import decode_bytes_per_step, measure_copy_bandwidth
 from lab.engine.batching import Engine, EngineConfig, Request
 from lab.engine.generate import compile_fn, decode_step
 from lab.env import fingerprint
@@ -93,8 +94,6 @@ def main() -> int:
     p = prepare(o.preset, None, "cuda", "bfloat16", 0, o.batch, o.max_seq_len)
     model, a = p.model, p.spec.args
     model.setup_caches(o.batch, o.max_seq_len)
-    weights = sum(t.numel() * t.element_size() for t in model.parameters())
-    kv_per_pos = 2 * a.n_layers * a.n_kv_heads * a.head_dim * 2 * o.batch  # K and V, bf16, every slot
     tok = torch.zeros(o.batch, 1, dtype=torch.long, device="cuda")
     pos = torch.full((o.batch, 1), 100, dtype=torch.long, device="cuda")  # every slot at position 100
     res: dict = {
@@ -110,7 +109,9 @@ def main() -> int:
             step = compile_fn(decode_step, mode)
             for kv_len in [None] + [int(x) for x in o.lengths.split(",")]:
                 ms, q = time_step(step, model, tok, pos, kv_len, o.steps)
-                read = weights + kv_per_pos * (kv_len or o.max_seq_len)
+                # The roofline every lab figure uses: the weights but the embedding table (one row per
+                # token is looked up), and the K/V the attention reads.
+                read = decode_bytes_per_step(a, "bfloat16", o.batch, kv_len or o.max_seq_len)
                 name = f"{mode} {kv_len or 'full'}"
                 res["arms"][name] = {
                     "ms_per_step": ms,
