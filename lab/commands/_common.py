@@ -36,10 +36,10 @@ fraction = _number(float, 0, 1, True, "a fraction in (0, 1]")
 
 
 def auto_or_positive_int(text: str) -> str | int:
-    return "auto" if text == "auto" else _auto_or_int(text)
+    return "auto" if text == "auto" else _positive_int_or_auto(text)
 
 
-_auto_or_int = _number(int, 0, None, True, "'auto' or a positive integer")
+_positive_int_or_auto = _number(int, 0, None, True, "'auto' or a positive integer")
 
 
 def int_list(text: str) -> list[int]:

@@ -445,10 +445,11 @@ class Engine:
             self.upgrade["state"] = "compiling"
         t0 = time.monotonic()
         # Every torch op releases the GIL while it runs, and taking it back from a busy thread waits for the
-        # switch interval (5 ms by default). With the compile thread (Dynamo, Python through and through)
-        # holding it, each op of an eager prefill and each step's sync in the engine waited up to 5 ms:
-        # one request ran at 20-34 tok/s instead of 117, and the first token came 2-4 s late (H100,
-        # llama-8b, session 15). A short interval while compiling gives the engine its turn first.
+        # switch interval (5 ms by default): with the compile thread (Dynamo, Python through and through)
+        # holding it, each op of an eager prefill and each step's sync in the engine could wait 5 ms. With
+        # 0.2 ms, the slowest first token of a request served while compiling fell from 177-351 ms to
+        # 46-54 ms (tiny model, 2-core dev host). On the H100 host the start mode's rate did not change:
+        # there the compile thread's imports, compiled from source without a bytecode cache, dominate.
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, COMPILING_SWITCH_INTERVAL_S))
         try:

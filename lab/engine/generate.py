@@ -88,9 +88,8 @@ def no_recompile() -> Iterator[None]:
         yield
 
 
-REGIONAL_GRAPHS_LIMIT = (
-    64  # Dynamo graphs per code object (see tune_inductor); kv buckets are capped below it
-)
+# Dynamo graphs per code object (see tune_inductor); EngineConfig caps --kv-buckets well below it.
+REGIONAL_GRAPHS_LIMIT = 64
 
 
 def tune_inductor() -> None:
