@@ -19,37 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from lab.bench.roofline import decode_bytes_per_step, measure_copy_bandwidth
-from lab.engine.batching import Engine, EngineConfig, Request
+from lab.engine.batching import Engine, EngineConfig
 from lab.engine.generate import compile_fn, decode_step
 from lab.env import fingerprint
+from lab.loadtest.session import offline_batch
 from lab.model import prepare
-
-
-def closed_batch(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Decode tokens/s, aggregate, once all `batch` requests (submitted at once) have their first token."""
-    g = torch.Generator().manual_seed(0)
-    reqs = [
-        Request(
-            torch.randint(0, engine.vocab_size, (prompt_len,), generator=g).tolist(),
-            new_tokens,
-            ignore_eos=True,
-        )
-        for _ in range(batch)
-    ]
-    for r in reqs:
-        engine.submit(r)
-    while not all(r.done for r in reqs):
-        time.sleep(0.005)
-    assert all(r.outcome == "ok" for r in reqs), [r.outcome for r in reqs]
-    t_all_first, t_end = max(r.t_first_token for r in reqs), max(r.t_done for r in reqs)
-    steady = sum(1 for r in reqs for t in r.token_times if t > t_all_first)
-    return steady / (t_end - t_all_first)
 
 
 def save(out: str, res: dict) -> None:
@@ -130,7 +109,9 @@ def main() -> int:
         )
         engine = Engine(model, cfg).start()
         assert engine.ready.wait(900) and engine.crashed is None, engine.crashed
-        rates = [closed_batch(engine, o.batch, 64, 256) for _ in range(o.repeats)]
+        rates = [
+            offline_batch(engine, o.batch, 64, 256)["decode_tokens_per_s_aggregate"] for _ in range(o.repeats)
+        ]
         engine.stop()
         res["engine"][f"kv_buckets {buckets}"] = {
             "kv_lengths": engine.kv_lengths,

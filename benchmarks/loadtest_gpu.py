@@ -20,43 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from lab.engine.batching import EngineConfig, Request
+from lab.engine.batching import EngineConfig
 from lab.env import fingerprint
 from lab.loadtest.runner import LoadTestConfig
-from lab.loadtest.session import build_engine, describe, engine_info, run_loadtest
+from lab.loadtest.session import build_engine, describe, engine_info, offline_batch, run_loadtest
 from lab.results import write_json
-
-
-def offline_batch(engine, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> dict:
-    """A closed batch: `batch` requests submitted at once into the idle engine, run to completion."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    reqs = [
-        Request(rng.integers(0, engine.vocab_size, prompt_len).tolist(), new_tokens, ignore_eos=True)
-        for _ in range(batch)
-    ]
-    t0 = time.monotonic()
-    for r in reqs:
-        engine.submit(r)
-    while not all(r.done for r in reqs):
-        time.sleep(0.002)
-    assert all(r.outcome == "ok" for r in reqs), [r.outcome for r in reqs]
-    t_end = max(r.t_done for r in reqs)
-    t_all_first = max(r.t_first_token for r in reqs)
-    total = sum(len(r.tokens) for r in reqs)
-    # Decode-only rate: tokens stamped after every row has its first token (all 16 slots decoding).
-    steady = sum(1 for r in reqs for t in r.token_times if t > t_all_first)
-    return {
-        "batch": batch,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "wall_s": t_end - t0,
-        "tokens": total,
-        "tokens_per_s_aggregate": total / (t_end - t0),
-        "decode_tokens_per_s_aggregate": steady / (t_end - t_all_first) if t_end > t_all_first else None,
-        "ttft_s_max": t_all_first - t0,
-    }
 
 
 def main() -> int:

@@ -221,3 +221,21 @@ def test_model_thread_gets_its_own_cuda_graph_tree_state(monkeypatch):
     t.join()
     assert seen["before"] is False
     assert isinstance(seen["container"], ct.TreeManagerContainer)
+
+
+def test_offline_batch_runs_every_request_to_completion_and_counts_tokens():
+    """lab.loadtest.session.offline_batch, the closed batch the GPU benchmarks take as the offline rate."""
+    from lab.engine.batching import Engine, EngineConfig
+    from lab.loadtest.session import offline_batch
+    from lab.model import ModelSpec, build_model, get_preset
+
+    model = build_model(ModelSpec(get_preset("tiny"), "tiny", None), torch.device("cpu"), torch.float32, 0)
+    eng = Engine(model, EngineConfig(max_batch_size=3, max_seq_len=64)).start()
+    try:
+        assert eng.ready.wait(60)
+        r = offline_batch(eng, 3, 8, 6)
+        assert r["tokens"] == 18 and r["batch"] == 3 and r["prompt_len"] == 8 and r["new_tokens"] == 6
+        assert r["tokens_per_s_aggregate"] > 0 and r["decode_tokens_per_s_aggregate"] > 0
+        assert 0 < r["ttft_s_max"] <= r["wall_s"]
+    finally:
+        eng.stop()

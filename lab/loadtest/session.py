@@ -49,6 +49,44 @@ def build_engine(
     return engine, prepared
 
 
+def offline_batch(engine, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> dict[str, Any]:
+    """A closed batch: `batch` requests of random prompts submitted at once into the idle, started engine
+    and run to completion (the engine's offline rate, which the GPU benchmarks compare served load with).
+    `decode_tokens_per_s_aggregate` counts only tokens stamped after every row has its first token."""
+    import time
+
+    import numpy as np
+
+    from lab.engine.batching import Request
+
+    rng = np.random.default_rng(seed)
+    reqs = [
+        Request(rng.integers(0, engine.vocab_size, prompt_len).tolist(), new_tokens, ignore_eos=True)
+        for _ in range(batch)
+    ]
+    t0 = time.monotonic()
+    for r in reqs:
+        engine.submit(r)
+    while not all(r.done for r in reqs):
+        time.sleep(0.002)
+    if any(r.outcome != "ok" for r in reqs):
+        raise LabError(f"offline batch: not every request finished ok: {[r.outcome for r in reqs]}")
+    t_end = max(r.t_done for r in reqs)
+    t_all_first = max(r.t_first_token for r in reqs)
+    total = sum(len(r.tokens) for r in reqs)
+    steady = sum(1 for r in reqs for t in r.token_times if t > t_all_first)
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "wall_s": t_end - t0,
+        "tokens": total,
+        "tokens_per_s_aggregate": total / (t_end - t0),
+        "decode_tokens_per_s_aggregate": steady / (t_end - t_all_first) if t_end > t_all_first else None,
+        "ttft_s_max": t_all_first - t0,
+    }
+
+
 def point_compile_cache(engine_config) -> None:
     """Before the engine's first compile: Inductor's on-disk cache at engine_config.compile_cache_dir
     (resolved in place, so the artifact records the absolute path). No-op without one, or in eager mode
